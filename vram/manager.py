@@ -1,0 +1,257 @@
+"""The one manager per process: budgets, the ledger, eviction and the counters.
+
+Every tensor the core allocates for a layer is charged to the ledger under its device, model,
+layer and kind (``base``: the model-level copy; ``prepared``: staged on the computation
+device; ``computation``: the transient copy in the computation dtype; ``cache``: weights read
+from disk kept in RAM). A device's budget bounds what may be charged there; when a charge
+does not fit, the manager evicts prepared copies that no forward is using (other models'
+first, least recently used first) before it says no.
+
+All ledger and slot-state changes happen under one lock, so models run from several threads
+share the device without corrupting each other's state.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable
+
+import torch
+
+from .config import GIB
+
+if TYPE_CHECKING:
+    from .layers import Slot
+    from .model import ManagedModel
+
+log = logging.getLogger(__name__)
+
+KINDS = ("base", "prepared", "computation", "cache")
+
+
+@dataclass
+class Counters:
+    """What moved since the process started (or since ``reset_counters``)."""
+
+    bytes_to_device: int = 0      # host -> accelerator copies
+    bytes_read_from_disk: int = 0
+    transfer_wait_s: float = 0.0  # time forwards waited for weights not yet there
+    prefetch_hits: int = 0        # a layer's weights were already staged when it ran
+    prefetch_misses: int = 0
+    evictions: int = 0
+    evicted_bytes: int = 0
+
+
+@dataclass
+class RunReport:
+    """One top-level forward of a managed model: peak memory against the cap."""
+
+    model: str
+    device: str
+    cap_bytes: int | None
+    peak_reserved_bytes: int | None  # torch's reserved peak on CUDA; None on the CPU
+    peak_ledger_bytes: int           # the core's own charges on the device at their peak
+    activation_bytes: int | None
+    seconds: float
+
+    @property
+    def within_cap(self) -> bool | None:
+        if self.cap_bytes is None:
+            return None
+        peak = self.peak_reserved_bytes if self.peak_reserved_bytes is not None else self.peak_ledger_bytes
+        return peak <= self.cap_bytes
+
+    def describe(self) -> str:
+        def gib(n):
+            return "n/a" if n is None else f"{n / GIB:.3f} GiB"
+        cap = "no cap" if self.cap_bytes is None else f"cap {gib(self.cap_bytes)}"
+        verdict = {None: "", True: " (within cap)", False: " (ABOVE CAP)"}[self.within_cap]
+        return (f"{self.model} on {self.device}: peak reserved {gib(self.peak_reserved_bytes)}, "
+                f"core peak {gib(self.peak_ledger_bytes)}, {cap}{verdict}, {self.seconds:.3f} s")
+
+
+class Manager:
+    """Budgets per device, the ledger, eviction. Use ``get_manager()``."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.counters = Counters()
+        self._ledger: dict[tuple[str, str, str, str], int] = defaultdict(int)
+        self._device_bytes: dict[str, int] = defaultdict(int)
+        self._device_peak: dict[str, int] = defaultdict(int)
+        self._budgets: dict[str, int] = {}
+        self._activation_reserve: dict[str, int] = defaultdict(int)
+        self._models: "weakref.WeakValueDictionary[str, ManagedModel]" = weakref.WeakValueDictionary()
+        self._clock = 0
+        self.reports: list[RunReport] = []
+
+    # -- models ---------------------------------------------------------------------------
+    def register(self, model: "ManagedModel") -> str:
+        with self.lock:
+            base, name, n = model.name, model.name, 1
+            while name in self._models:
+                n += 1
+                name = f"{base}#{n}"
+            self._models[name] = model
+            self._refresh_budget(model.config.budget_device)
+            return name
+
+    def unregister(self, model: "ManagedModel") -> None:
+        with self.lock:
+            if self._models.get(model.name) is model:
+                del self._models[model.name]
+            self._refresh_budget(model.config.budget_device)
+
+    def models(self) -> list["ManagedModel"]:
+        with self.lock:
+            return list(self._models.values())
+
+    def _refresh_budget(self, device: torch.device) -> None:
+        """A device's budget is the smallest vram_limit among the models computing on it."""
+        key = str(device)
+        caps = [m.cap_bytes for m in self._models.values()
+                if str(m.config.budget_device) == key and m.cap_bytes is not None]
+        if caps:
+            self._budgets[key] = min(caps)
+        else:
+            self._budgets.pop(key, None)
+
+    # -- ledger ---------------------------------------------------------------------------
+    def budget(self, device: torch.device | str) -> int | None:
+        """Bytes the core may hold on ``device`` (None: unbounded)."""
+        key = str(device)
+        cap = self._budgets.get(key)
+        if cap is None:
+            return None
+        reserve = self._activation_reserve[key]
+        if key.startswith("cuda"):
+            # Memory this process holds outside the ledger (inputs, the live activations of
+            # the current forward, other libraries) counts against the cap too, and the
+            # allocator's rounding and fragmentation get a 1/32 margin.
+            outside = max(0, torch.cuda.memory_allocated(key) - self._device_bytes[key])
+            reserve = max(reserve, outside) + cap // 32
+        return max(0, cap - reserve)
+
+    def resident_bytes(self, device: torch.device | str) -> int:
+        with self.lock:
+            return self._device_bytes[str(device)]
+
+    def peak_bytes(self, device: torch.device | str) -> int:
+        with self.lock:
+            return self._device_peak[str(device)]
+
+    def reset_peak(self, device: torch.device | str) -> None:
+        with self.lock:
+            self._device_peak[str(device)] = self._device_bytes[str(device)]
+
+    def charge(self, device: torch.device, model: str, layer: str, kind: str, nbytes: int) -> None:
+        key = str(device)
+        self._ledger[(key, model, layer, kind)] += nbytes
+        self._device_bytes[key] += nbytes
+        if self._device_bytes[key] > self._device_peak[key]:
+            self._device_peak[key] = self._device_bytes[key]
+
+    def refund(self, device: torch.device, model: str, layer: str, kind: str, nbytes: int) -> None:
+        key = str(device)
+        entry = (key, model, layer, kind)
+        self._ledger[entry] -= nbytes
+        if self._ledger[entry] <= 0:
+            del self._ledger[entry]
+        self._device_bytes[key] -= nbytes
+
+    def fits(self, device: torch.device, nbytes: int, headroom: int = 0) -> bool:
+        budget = self.budget(device)
+        return budget is None or self._device_bytes[str(device)] + nbytes + headroom <= budget
+
+    def make_room(self, device: torch.device, nbytes: int, requester: "ManagedModel",
+                  headroom: int = 0, own: bool = True) -> bool:
+        """Evict idle prepared copies until ``nbytes`` (+ headroom) fit; True if they do.
+
+        Other models' copies go first, least recently used first; the requester's own kept
+        copies go only when ``own`` is set.
+        """
+        if self.fits(device, nbytes, headroom):
+            return True
+        for slot in self._eviction_candidates(device, requester, own):
+            slot.evict()
+            if self.fits(device, nbytes, headroom):
+                return True
+        return False
+
+    def _eviction_candidates(self, device, requester, own) -> Iterable["Slot"]:
+        others, mine = [], []
+        for model in self._models.values():
+            for slot in model.slots:
+                if slot.evictable_on(device):
+                    (mine if model is requester else others).append(slot)
+        others.sort(key=lambda s: s.last_used)
+        # Within the running model keep the earliest layers: a cyclic schedule gains nothing
+        # from LRU, and dropping the most recently used keeps the others' order stable.
+        mine.sort(key=lambda s: -s.last_used)
+        return others + (mine if own else [])
+
+    def tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    # -- activations and reports -------------------------------------------------------------
+    def note_activations(self, device: torch.device, nbytes: int) -> None:
+        """Keep room for activations measured on ``device`` (the largest seen, plus 10%)."""
+        with self.lock:
+            key = str(device)
+            reserve = int(nbytes * 1.1)
+            if reserve > self._activation_reserve[key]:
+                self._activation_reserve[key] = reserve
+
+    def activation_reserve(self, device: torch.device) -> int:
+        return self._activation_reserve[str(device)]
+
+    def add_report(self, report: RunReport) -> None:
+        with self.lock:
+            self.reports.append(report)
+            del self.reports[:-256]
+        level = logging.WARNING if report.within_cap is False else logging.DEBUG
+        log.log(level, "run: %s", report.describe())
+
+    # -- views ----------------------------------------------------------------------------
+    def ledger(self) -> dict[tuple[str, str, str, str], int]:
+        """(device, model, layer, kind) -> bytes, for everything the core holds now."""
+        with self.lock:
+            return dict(self._ledger)
+
+    def stats(self) -> dict:
+        """A snapshot for graphs and planners: bytes per device and per model, layer states,
+        counters. Plain data (ints, floats, strings)."""
+        with self.lock:
+            per_model: dict[str, dict] = {}
+            for (device, model, _layer, kind), nbytes in self._ledger.items():
+                entry = per_model.setdefault(model, {}).setdefault(device, dict.fromkeys(KINDS, 0))
+                entry[kind] += nbytes
+            return {
+                "devices": {d: {"resident_bytes": b, "peak_bytes": self._device_peak[d],
+                                "budget_bytes": self.budget(d),
+                                "activation_reserve_bytes": self._activation_reserve[d]}
+                            for d, b in self._device_bytes.items()},
+                "models": {name: {"state": m.state.value, "resident": per_model.get(name, {}),
+                                  "layers": m.layer_states()}
+                           for name, m in self._models.items()},
+                "counters": dict(vars(self.counters)),
+                "last_runs": [vars(r) | {"within_cap": r.within_cap} for r in self.reports[-8:]],
+            }
+
+    def reset_counters(self) -> None:
+        with self.lock:
+            self.counters = Counters()
+
+
+_manager = Manager()
+
+
+def get_manager() -> Manager:
+    """The process's manager."""
+    return _manager

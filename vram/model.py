@@ -1,0 +1,626 @@
+"""A model under management: building it, the per-model states, the schedule.
+
+``enable_vram_management`` turns every module that holds parameters into a managed layer
+(see layers.py) and registers the model with the process's manager. The pipeline switches the
+model between offload and onload; the core switches layers between preparing and computation,
+learning the execution order on the first forward (each layer remembers which layer ran after
+it) so that the next ``prefetch`` layers are staged while one computes.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import re
+import threading
+import time
+import types
+from collections import OrderedDict
+from concurrent.futures import Future
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .config import FP8_DTYPES, GIB, Placement, VramConfig
+from .layers import ManagedLayer, Slot, VramLimitError, tier_key
+from .manager import RunReport, get_manager
+from .meta import has_meta_parameters
+from .transfer import Mover, Staged, submit
+from .weights import WeightSource
+
+log = logging.getLogger(__name__)
+
+_MANAGED_ATTR = "_vram_managed"
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class ModelState(enum.Enum):
+    OFFLOAD = "offload"
+    ONLOAD = "onload"
+
+
+class ManagedModel:
+    """The core's record of one model. Reach it with ``vram.managed(model)``."""
+
+    def __init__(self, module: torch.nn.Module, config: VramConfig, source: WeightSource | None,
+                 name: str):
+        self.module = module
+        self.config = config
+        self.source = source
+        self.name = name
+        self.state = ModelState.OFFLOAD
+        self.mover = Mover(config.computation.device)
+        self.layers: list[ManagedLayer] = []
+        self.slots: list[Slot] = []
+        self.successor: dict[ManagedLayer, ManagedLayer] = {}
+        self._last_layer: ManagedLayer | None = None
+        self._order_lock = threading.Lock()
+        self._run_lock = threading.Lock()
+        self._runs = 0
+        self._run_marks: dict[str, Any] = {}
+        self._cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_lock = threading.Lock()
+        self._cache_limit = int(config.ram_cache_gib * GIB)
+        self._handles: list[Any] = []
+        limit = config.vram_limit
+        self.cap_bytes = None if not limit else int(limit * GIB)
+        self.max_layer_need = 0
+        self.window_bytes = 0
+
+    # -- policy -----------------------------------------------------------------------------
+    @property
+    def budget_key(self) -> str:
+        return tier_key(self.config.budget_device)
+
+    def should_keep(self, slot: Slot) -> bool:
+        """Whether a staged copy stays after its forward."""
+        limit = self.config.vram_limit
+        if limit == 0:
+            return False
+        if limit is None:
+            # Without a cap, a CPU that computes from disk keeps nothing: the point of the
+            # disk tier is RAM, and the RAM cache is the knob for keeping weights there.
+            return not (slot.base is None and slot.config.preparing.device.type == "cpu")
+        return get_manager().fits(self.budget_key, 0, headroom=self.window_bytes)
+
+    def _measure_needs(self) -> None:
+        needs = {layer: sum(s.prepared_nbytes + s.compute_nbytes for s in layer.slots) for layer in self.layers}
+        self.max_layer_need = max(needs.values(), default=0)
+        self.window_bytes = self.max_layer_need * (self.config.prefetch + 1)
+
+    def check_cap(self) -> None:
+        """A cap that cannot hold the largest layer (or a resident base) fails before any work."""
+        if not self.cap_bytes:
+            return
+        largest = max(self.layers, key=lambda l: sum(s.prepared_nbytes + s.compute_nbytes for s in l.slots),
+                      default=None)
+        resident = sum(s.nbytes(s.base.dtype) for s in self.slots
+                       if s.base is not None and s.base_ledger == self.budget_key)
+        if largest is not None and self.max_layer_need + resident > self.cap_bytes:
+            what = (f"layer {largest.name!r} needs {self.max_layer_need / GIB:.4f} GiB"
+                    + (f" on top of {resident / GIB:.4f} GiB of weights resident there" if resident else ""))
+            raise ValueError(f"vram_limit={self.config.vram_limit} GiB is too small for {self.name}: {what} "
+                             f"on {self.config.budget_device}. Raise vram_limit, use an fp8 preparing "
+                             f"dtype, or vram_limit=0 to stream every layer with no cap.")
+
+    # -- weights from disk -------------------------------------------------------------------
+    def read_weight(self, slot: Slot) -> torch.Tensor:
+        """A slot's weights from its file, through the RAM cache when one is configured."""
+        key = slot.info.key
+        if self._cache_limit:
+            with self._cache_lock:
+                cached = self._cache.get(key)
+                if cached is not None:
+                    self._cache.move_to_end(key)
+                    return cached
+        pin = self.mover.is_cuda and self.config.pin_memory
+        tensor = self.source.read(key, pin_memory=pin)
+        manager = get_manager()
+        with manager.lock:
+            manager.counters.bytes_read_from_disk += slot.info.nbytes
+        if self._cache_limit and slot.info.nbytes <= self._cache_limit:
+            self._cache_put(key, tensor)
+        return tensor
+
+    def _cache_put(self, key: str, tensor: torch.Tensor) -> None:
+        manager = get_manager()
+        nbytes = tensor.numel() * tensor.element_size()
+        with self._cache_lock, manager.lock:
+            while self._cache and self._cache_bytes + nbytes > self._cache_limit:
+                old_key, old = self._cache.popitem(last=False)
+                self._cache_bytes -= old.numel() * old.element_size()
+                manager.refund("host", self.name, "(ram cache)", "cache", old.numel() * old.element_size())
+            self._cache[key] = tensor
+            self._cache_bytes += nbytes
+            manager.charge("host", self.name, "(ram cache)", "cache", nbytes)
+
+    def clear_cache(self) -> None:
+        manager = get_manager()
+        with self._cache_lock, manager.lock:
+            if self._cache_bytes:
+                manager.refund("host", self.name, "(ram cache)", "cache", self._cache_bytes)
+            self._cache.clear()
+            self._cache_bytes = 0
+
+    # -- the schedule ---------------------------------------------------------------------------
+    def before_layer(self, layer: ManagedLayer) -> None:
+        """Learn the order (this layer follows the last one) and prefetch what comes next."""
+        with self._order_lock:
+            previous, self._last_layer = self._last_layer, layer
+            if previous is not None and previous is not layer:
+                self.successor[previous] = layer
+        upcoming = layer
+        for _ in range(self.config.prefetch):
+            upcoming = self.successor.get(upcoming)
+            if upcoming is None or upcoming is layer:
+                break
+            if not upcoming.static:
+                for slot in upcoming.slots:
+                    self.prefetch(slot)
+
+    def prefetch(self, slot: Slot) -> None:
+        """Stage a slot in the background if the budget has room beside the current layer."""
+        if slot.prepared_is_base:
+            return
+        manager = get_manager()
+        with manager.lock:
+            if slot.prepared is not None or slot.pending is not None:
+                return
+            need = slot.prepared_nbytes
+            if not manager.make_room(self.budget_key, need, self, headroom=self.max_layer_need, own=False):
+                return
+            manager.charge(self.budget_key, self.name, slot.layer, "prepared", need)
+            slot.prepared_charged = need
+            future: Future = Future()
+            slot.pending = future
+        if slot.base is None or not self.mover.is_cuda:
+            submit(self._stage_into, slot, future)  # disk reads and CPU casts overlap compute
+        else:
+            self._stage_into(slot, future)  # an asynchronous copy on the side stream
+
+    @staticmethod
+    def _stage_into(slot: Slot, future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(slot.stage())
+        except BaseException as error:  # handed to whoever waits for the weights
+            future.set_exception(error)
+
+    def acquire(self, slot: Slot) -> tuple[torch.Tensor, int]:
+        """The slot's computation tensor, and the bytes charged for it."""
+        manager = get_manager()
+        counters = manager.counters
+        future: Future | None = None
+        own: Future | None = None
+        with manager.lock:
+            slot.users += 1
+            slot.last_used = manager.tick()
+            if slot.prepared is not None:
+                if slot.prepared_charged:
+                    counters.prefetch_hits += 1
+            elif slot.pending is not None:
+                future = slot.pending
+                counters.prefetch_hits += 1
+            elif slot.prepared_is_base:
+                slot.prepared = Staged(slot.base)
+            else:
+                counters.prefetch_misses += 1
+                need = slot.prepared_nbytes
+                try:
+                    self._reserve(need)
+                except VramLimitError:
+                    slot.users -= 1
+                    raise
+                manager.charge(self.budget_key, self.name, slot.layer, "prepared", need)
+                slot.prepared_charged = need
+                future = own = Future()
+                slot.pending = future
+        if own is not None:
+            self._stage_into(slot, own)
+        if future is not None:
+            started = time.perf_counter()
+            try:
+                staged = future.result()
+            except BaseException:
+                with manager.lock:
+                    slot.users -= 1
+                    if slot.pending is future:
+                        slot.pending = None
+                        slot.drop_prepared()
+                raise
+            waited = time.perf_counter() - started
+            with manager.lock:
+                counters.transfer_wait_s += waited
+                if slot.pending is future:
+                    slot.pending = None
+                    slot.prepared = staged
+        tensor = slot.prepared.ready_for(self.config.computation.device)
+        charged = slot.compute_nbytes
+        if charged:
+            with manager.lock:
+                try:
+                    self._reserve(charged)
+                except VramLimitError:
+                    slot.users -= 1
+                    raise
+                manager.charge(self.budget_key, self.name, slot.layer, "computation", charged)
+            tensor = tensor.to(device=self.config.computation.device, dtype=slot.config.computation.dtype)
+        return tensor, charged
+
+    def release(self, slot: Slot, tensor: torch.Tensor, charged: int) -> None:
+        manager = get_manager()
+        with manager.lock:
+            if charged:
+                manager.refund(self.budget_key, self.name, slot.layer, "computation", charged)
+            slot.users -= 1
+            if slot.users == 0 and slot.prepared_charged and not slot.kept:
+                if self.should_keep(slot):
+                    slot.kept = True
+                else:
+                    slot.drop_prepared()
+
+    def _reserve(self, nbytes: int) -> None:
+        """Make room for a copy the current forward needs (caller holds the manager lock)."""
+        manager = get_manager()
+        if self.config.vram_limit == 0 or manager.make_room(self.budget_key, nbytes, self):
+            return
+        # Last resort: finish this model's prefetches and drop them.
+        for slot in self.slots:
+            future = slot.pending
+            if future is not None and slot.users == 0:
+                try:
+                    future.result()
+                except BaseException:
+                    pass
+                slot.pending = None
+                slot.drop_prepared()
+        if manager.make_room(self.budget_key, nbytes, self):
+            return
+        budget = manager.budget(self.budget_key)
+        raise VramLimitError(
+            f"{self.name}: {nbytes / GIB:.4f} GiB more on {self.budget_key} would pass its budget "
+            f"({manager.resident_bytes(self.budget_key) / GIB:.4f} GiB held by the core, budget "
+            f"{(budget or 0) / GIB:.4f} GiB after {manager.activation_reserve(self.budget_key) / GIB:.4f} GiB "
+            f"kept for activations). Raise vram_limit or lower the resolution/batch.")
+
+    # -- run reports -----------------------------------------------------------------------------
+    def _run_start(self, module, args):
+        with self._run_lock:
+            self._runs += 1
+            if self._runs > 1:
+                return None
+        device = self.config.computation.device
+        manager = get_manager()
+        manager.reset_peak(self.budget_key)
+        marks = {"t0": time.perf_counter(), "ledger0": manager.resident_bytes(self.budget_key)}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            marks["alloc0"] = torch.cuda.memory_allocated(device)
+        self._run_marks = marks
+        return None
+
+    def _run_end(self, module, args, output):
+        with self._run_lock:
+            if self._runs == 0:
+                return None
+            self._runs -= 1
+            if self._runs:
+                return None
+        device = self.config.computation.device
+        manager = get_manager()
+        marks = self._run_marks
+        ledger_peak = manager.peak_bytes(self.budget_key)
+        peak_reserved = activations = None
+        if device.type == "cuda":
+            peak_reserved = torch.cuda.max_memory_reserved(device)
+            outside_at_start = marks["alloc0"] - marks["ledger0"]
+            activations = max(0, torch.cuda.max_memory_allocated(device) - outside_at_start - ledger_peak)
+            manager.note_activations(self.budget_key, activations)
+        manager.add_report(RunReport(self.name, str(device), self.cap_bytes, peak_reserved, ledger_peak,
+                                     activations, time.perf_counter() - marks["t0"]))
+        return None
+
+    # -- model-level states -----------------------------------------------------------------------
+    def set_state(self, state: ModelState) -> None:
+        manager = get_manager()
+        target = self.config.onload if state is ModelState.ONLOAD else self.config.offload
+        with manager.lock:
+            if any(slot.users for slot in self.slots):
+                raise RuntimeError(f"{self.name}: cannot switch to {state.value} during a forward")
+            for slot in self.slots:
+                slot.clear()
+
+        def fits(slot: Slot, nbytes: int) -> bool:
+            if tier_key(target.device) != self.budget_key or self.cap_bytes is None:
+                return True
+            with manager.lock:
+                return manager.make_room(self.budget_key, nbytes, self, headroom=self.window_bytes)
+
+        for slot in self.slots:
+            slot.set_base(target, fits=fits)
+        self.state = state
+        for layer in self.layers:
+            layer.refresh_static()
+        self._measure_needs()
+
+    def layer_states(self) -> dict[str, str]:
+        return {layer.name: layer.state() for layer in self.layers}
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes this model holds now, per ledger device."""
+        out: dict[str, int] = {}
+        for (device, model, _layer, _kind), nbytes in get_manager().ledger().items():
+            if model == self.name:
+                out[device] = out.get(device, 0) + nbytes
+        return out
+
+    def host_tensor(self, slot: Slot) -> torch.Tensor:
+        """The stored weights of a slot, for state_dict(): the base copy, or read from disk."""
+        if slot.base is not None:
+            return slot.base
+        return self.source.read(slot.info.key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a managed model
+# ---------------------------------------------------------------------------------------------
+
+def _skip_casting(model: torch.nn.Module, module_name: str, param_key: str) -> torch.dtype | None:
+    """The dtype a parameter keeps instead of fp8/half storage, from the model's own hints.
+
+    diffusers' ``_skip_layerwise_casting_patterns`` (regexes over module names) keep the
+    computation dtype; ``_keep_in_fp32_modules`` (name components) keep float32.
+    """
+    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()
+    parts = param_key.split(".")
+    if any(name in parts for name in keep_fp32):
+        return torch.float32
+    skip = getattr(model, "_skip_layerwise_casting_patterns", None) or ()
+    if any(re.search(pattern, module_name) for pattern in skip):
+        return "computation"  # type: ignore[return-value]
+    return None
+
+
+def _slot_config(model: torch.nn.Module, config: VramConfig, module_name: str, key: str) -> VramConfig:
+    rule = _skip_casting(model, module_name, key)
+    if rule is None:
+        return config
+    if rule == torch.float32:
+        if config.computation.dtype in _HALF_DTYPES or any(
+                p.dtype in FP8_DTYPES for p in (config.offload, config.onload, config.preparing) if not p.is_disk):
+            return config.with_dtype(torch.float32)
+        return config
+    if any(not p.is_disk and p.dtype != config.computation.dtype
+           for p in (config.offload, config.onload, config.preparing)):
+        return config.with_dtype(config.computation.dtype)
+    return config
+
+
+def _guarded_apply(module: torch.nn.Module, fn, recurse: bool = True):
+    """``module.to()``/``.half()`` on a managed module converts buffers and children only:
+    its parameters are placeholders whose tiers the config decides."""
+    if recurse:
+        for child in module.children():
+            child._apply(fn)
+    for key, buffer in module._buffers.items():
+        if buffer is not None:
+            module._buffers[key] = fn(buffer)
+    return module
+
+
+def enable_vram_management(model: torch.nn.Module, vram_config: VramConfig | Mapping[str, Any], *,
+                           vram_limit: float | None = None,
+                           weights: str | os.PathLike | Sequence[str | os.PathLike] | WeightSource | None = None,
+                           name: str | None = None) -> ManagedModel:
+    """Put ``model`` under VRAM management and return its record.
+
+    ``vram_config`` is DiffSynth's 8-key dict (plus optional extras) or a ``VramConfig``.
+    ``vram_limit`` (GiB) caps this process's peak memory on the computation device; it
+    overrides the config's. ``weights`` (.safetensors file, list, or folder) is required when
+    a state is "disk" or when the model was built with ``empty_weights()``; its keys must
+    match ``model.state_dict()``. The model starts in the offload state; call
+    ``vram.onload(model)`` before the phase that uses it.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if getattr(model, _MANAGED_ATTR, None) is not None:
+        raise ValueError(f"{type(model).__name__} is already under VRAM management; "
+                         f"call vram.disable_vram_management(model) first")
+    config = VramConfig.coerce(vram_config, vram_limit)
+    source = weights if isinstance(weights, WeightSource) or weights is None else WeightSource(weights)
+    if config.uses_disk and source is None:
+        raise ValueError("vram_config: offload/onload device 'disk' needs weights= (the model's .safetensors files)")
+    if source is None and has_meta_parameters(model):
+        raise ValueError("model has parameters on the meta device; pass weights= to bind them to their files")
+
+    manager = get_manager()
+    managed = ManagedModel(model, config, source, name or type(model).__name__)
+    managed.name = manager.register(managed)
+    try:
+        _bind(managed, model, config, source)
+    except BaseException:
+        manager.unregister(managed)
+        raise
+    return managed
+
+
+def _bind(managed: ManagedModel, model: torch.nn.Module, config: VramConfig, source: WeightSource | None) -> None:
+    # Every name each parameter goes by (tied parameters have several).
+    names: dict[int, list[str]] = {}
+    for key, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(key)
+
+    plan: list[tuple[str, torch.nn.Module, list[tuple[str, torch.nn.Parameter]]]] = []
+    slots_by_param: dict[int, Slot] = {}
+    problems: list[str] = []
+    for module_name, module in model.named_modules():
+        direct = [(n, p) for n, p in module._parameters.items() if p is not None]
+        if not direct:
+            continue
+        plan.append((module_name, module, direct))
+        for param_name, param in direct:
+            if id(param) in slots_by_param:
+                continue
+            keys = names[id(param)]
+            info = None
+            if source is not None:
+                found = next((k for k in keys if k in source), None)
+                if found is None:
+                    problems.append(f"missing key {keys[0]!r}")
+                    continue
+                info = source.info(found)
+                if tuple(info.shape) != tuple(param.shape):
+                    problems.append(f"shape mismatch for {found!r}: file {tuple(info.shape)} "
+                                    f"in {info.file.path.name}, model {tuple(param.shape)}")
+                    continue
+                if not info.dtype.is_floating_point and param.dtype.is_floating_point:
+                    problems.append(f"{found!r} is {info.dtype} in {info.file.path.name}, model expects floats")
+                    continue
+            if not param.dtype.is_floating_point:
+                problems.append(f"parameter {keys[0]!r} has non-float dtype {param.dtype}; not supported")
+                continue
+            slot_config = _slot_config(model, config, module_name, keys[0])
+            slots_by_param[id(param)] = Slot(managed, module_name, keys, param.shape, slot_config, info)
+    if problems:
+        where = f" in {source.describe()}" if source is not None else ""
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise ValueError(f"weights do not match {type(model).__name__}{where}: {shown}")
+    if source is not None:
+        unused = set(source.tensors) - {k for slot in slots_by_param.values() for k in slot.keys} \
+            - set(model.state_dict(keep_vars=True).keys())
+        if unused:
+            log.info("%s: %d key(s) in the weights are not in the model (e.g. %s)", managed.name,
+                     len(unused), sorted(unused)[:3])
+
+    _bind_buffers(model, config, source)
+
+    # Bases at the offload placement, one layer at a time so peak RAM stays one layer above
+    # the result; the model's own tensors are dropped as soon as their placeholders go in.
+    initialized: set[int] = set()
+    for module_name, module, direct in plan:
+        entries = []
+        for param_name, param in direct:
+            slot = slots_by_param[id(param)]
+            if id(slot) not in initialized:
+                _initial_base(slot, param, source)
+                initialized.add(id(slot))
+            entries.append((param_name, slot))
+        layer = ManagedLayer(managed, module_name, module, entries)
+        layer.index = len(managed.layers)
+        layer.show_placeholders()
+        managed.layers.append(layer)
+        module._apply = types.MethodType(_guarded_apply, module)
+    managed.slots = list(dict.fromkeys(slots_by_param.values()))
+    for layer in managed.layers:
+        layer.refresh_static()
+    managed._measure_needs()
+    managed.check_cap()
+
+    managed._handles = [
+        model.register_forward_pre_hook(managed._run_start),
+        model.register_forward_hook(managed._run_end, always_call=True),
+    ]
+    for layer in managed.layers:
+        managed._handles.append(layer.module.register_state_dict_post_hook(_state_dict_hook(managed, layer)))
+    object.__setattr__(model, _MANAGED_ATTR, managed)
+
+
+def _initial_base(slot: Slot, param: torch.nn.Parameter, source: WeightSource | None) -> None:
+    placement = slot.config.offload
+    if placement.is_disk:
+        slot.base_placement = placement
+        return
+    if source is not None or param.device.type == "meta":
+        slot.set_base(placement)
+        return
+    data = param.detach()
+    if data.device == placement.device and data.dtype == placement.dtype:
+        slot.adopt_base(data, placement)
+    else:
+        slot.adopt_base(data.to(device=placement.device, dtype=placement.dtype), placement)
+
+
+def _bind_buffers(model: torch.nn.Module, config: VramConfig, source: WeightSource | None) -> None:
+    """Buffers stay plain tensors on the computation device; persistent ones present in the
+    weights take the file's values."""
+    device = config.computation.device
+    for module_name, module in model.named_modules():
+        for buffer_name, buffer in list(module._buffers.items()):
+            if buffer is None:
+                continue
+            key = f"{module_name}.{buffer_name}" if module_name else buffer_name
+            persistent = buffer_name not in module._non_persistent_buffers_set
+            if source is not None and persistent and key in source:
+                value = source.read(key).to(device=device, dtype=buffer.dtype)
+            elif buffer.device.type == "meta":
+                raise ValueError(f"buffer {key!r} is on the meta device and not in the weights; build the "
+                                 f"model inside vram.empty_weights(), which keeps buffers real")
+            else:
+                value = buffer.to(device)
+            module._buffers[buffer_name] = value
+
+
+def _state_dict_hook(managed: ManagedModel, layer: ManagedLayer):
+    def hook(module, state_dict, prefix, local_metadata):
+        for param_name, slot in layer.entries:
+            key = prefix + param_name
+            if key in state_dict:
+                state_dict[key] = managed.host_tensor(slot)
+        return None
+    return hook
+
+
+def managed(model: torch.nn.Module) -> ManagedModel:
+    """The record of a managed model; ValueError if it is not managed."""
+    record = getattr(model, _MANAGED_ATTR, None)
+    if record is None:
+        raise ValueError(f"{type(model).__name__} is not under VRAM management")
+    return record
+
+
+def is_managed(model: torch.nn.Module) -> bool:
+    return getattr(model, _MANAGED_ATTR, None) is not None
+
+
+def onload(model: torch.nn.Module) -> None:
+    """The model is about to be used: bring its weights to the onload placement."""
+    managed(model).set_state(ModelState.ONLOAD)
+
+
+def offload(model: torch.nn.Module) -> None:
+    """The model will not be used for a while: drop staged copies, weights to offload."""
+    managed(model).set_state(ModelState.OFFLOAD)
+
+
+def disable_vram_management(model: torch.nn.Module) -> torch.nn.Module:
+    """Make ``model`` a plain model again, with real Parameters at the computation placement."""
+    record = managed(model)
+    manager = get_manager()
+    with manager.lock:
+        if any(slot.users for slot in record.slots):
+            raise RuntimeError(f"{record.name}: cannot disable management during a forward")
+        for slot in record.slots:
+            slot.clear()
+    for handle in record._handles:
+        handle.remove()
+    params: dict[int, torch.nn.Parameter] = {}
+    for layer in record.layers:
+        layer.remove_hooks()
+        if "_apply" in layer.module.__dict__:
+            del layer.module.__dict__["_apply"]
+        for param_name, slot in layer.entries:
+            if id(slot) not in params:
+                source = slot.base if slot.base is not None else slot.read()
+                tensor = source.to(device=slot.config.computation.device, dtype=slot.config.computation.dtype)
+                params[id(slot)] = torch.nn.Parameter(tensor, requires_grad=False)
+            layer.module._parameters[param_name] = params[id(slot)]
+    with manager.lock:
+        for slot in record.slots:
+            slot._drop_base()
+    record.clear_cache()
+    manager.unregister(record)
+    object.__delattr__(model, _MANAGED_ATTR)
+    return model

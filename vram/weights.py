@@ -1,0 +1,217 @@
+"""Read-only access to .safetensors files, one tensor at a time.
+
+Only the JSON headers are parsed up front. Tensors are read with ``os.preadv`` into memory
+the caller owns (pageable or pinned), so the file is never mapped: resident RAM grows by what
+is read, not by the file size, and the files are opened read-only and never written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies in a file."""
+
+    file: "SafetensorsFile"
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+class SafetensorsFile:
+    """One .safetensors file: its header, and reads of single tensors by key."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"weights file not found: {self.path}")
+        self._fd: int | None = None
+        self._fd_lock = threading.Lock()
+        self.tensors = self._read_header()
+
+    def _read_header(self) -> dict[str, TensorInfo]:
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{self.path}: not a safetensors file (shorter than 8 bytes)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > _MAX_HEADER or 8 + header_len > size:
+                raise ValueError(f"{self.path}: corrupt safetensors header (length {header_len}, file {size} bytes)")
+            try:
+                header = json.loads(handle.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise ValueError(f"{self.path}: corrupt safetensors header ({error})") from None
+        data_start = 8 + header_len
+        tensors = {}
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            try:
+                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+                begin, end = entry["data_offsets"]
+                shape = tuple(int(d) for d in entry["shape"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{self.path}: corrupt or unsupported header entry for {key!r}: {entry!r}") from None
+            numel = 1
+            for d in shape:
+                numel *= d
+            if end - begin != numel * dtype.itemsize:
+                raise ValueError(f"{self.path}: tensor {key!r} has {end - begin} bytes for shape {shape} {dtype}")
+            if data_start + end > size:
+                raise ValueError(f"{self.path}: truncated; tensor {key!r} ends at byte {data_start + end} "
+                                 f"but the file has {size}")
+            tensors[key] = TensorInfo(self, key, dtype, shape, data_start + begin, end - begin)
+        return tensors
+
+    def _descriptor(self) -> int:
+        with self._fd_lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            return self._fd
+
+    def read(self, key: str, *, pin_memory: bool = False) -> torch.Tensor:
+        """The tensor ``key`` as a new CPU tensor in its file dtype (pinned if asked)."""
+        info = self.tensors[key]
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
+        if info.nbytes:
+            view = memoryview(buffer.numpy())
+            done = 0
+            fd = self._descriptor()
+            while done < info.nbytes:
+                got = os.preadv(fd, [view[done:]], info.offset + done)
+                if got <= 0:
+                    raise ValueError(f"{self.path}: unexpected end of file while reading {key!r}")
+                done += got
+        return buffer.view(info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        with self._fd_lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class WeightSource:
+    """A model's weights as a read-only key -> tensor map over one or more .safetensors files.
+
+    ``weights`` may be a file, a list of files, or a folder; a folder with a
+    ``*.safetensors.index.json`` uses the files the index names, otherwise every
+    ``*.safetensors`` file in it. Keys must match the model's state_dict.
+    """
+
+    def __init__(self, weights: str | os.PathLike | Sequence[str | os.PathLike]):
+        self.files = [SafetensorsFile(p) for p in _resolve(weights)]
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self.files:
+            for key, info in file.tensors.items():
+                if key in self.tensors:
+                    raise ValueError(f"key {key!r} is in both {self.tensors[key].file.path} and {file.path}")
+                self.tensors[key] = info
+        self.bytes_read = 0
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def info(self, key: str) -> TensorInfo:
+        return self.tensors[key]
+
+    def read(self, key: str, *, pin_memory: bool = False) -> torch.Tensor:
+        info = self.tensors[key]
+        tensor = info.file.read(key, pin_memory=pin_memory)
+        with self._lock:
+            self.bytes_read += info.nbytes
+        return tensor
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    def describe(self) -> str:
+        if len(self.files) == 1:
+            return str(self.files[0].path)
+        return f"{len(self.files)} files in {self.files[0].path.parent}"
+
+    def close(self) -> None:
+        for file in self.files:
+            file.close()
+
+
+def _resolve(weights) -> list[Path]:
+    if isinstance(weights, (str, os.PathLike)):
+        path = Path(weights)
+        if path.is_dir():
+            return _files_in_folder(path)
+        if not path.exists():
+            raise FileNotFoundError(f"weights not found: {path}")
+        return [_check_format(path)]
+    if isinstance(weights, Iterable):
+        paths = [Path(p) for p in weights]
+        if not paths:
+            raise ValueError("weights: empty list of files")
+        for path in paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"weights file not found: {path}")
+            _check_format(path)
+        return paths
+    raise ValueError(f"weights must be a path, a list of paths or a folder, got {type(weights).__name__}")
+
+
+def _check_format(path: Path) -> Path:
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: only .safetensors weights are read (pickle formats such as "
+                         f".bin/.pt/.ckpt can run code when loaded)")
+    return path
+
+
+def _files_in_folder(folder: Path) -> list[Path]:
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise ValueError(f"{folder}: more than one *.safetensors.index.json: {[p.name for p in indexes]}")
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        except (KeyError, json.JSONDecodeError) as error:
+            raise ValueError(f"{indexes[0]}: not a valid index file ({error})") from None
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{indexes[0]} names shard(s) that are missing: {', '.join(missing)}")
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {folder}")
+    return files
