@@ -368,31 +368,37 @@ class ManagedModel:
 # Building a managed model
 # ---------------------------------------------------------------------------------------------
 
-def _skip_casting(model: torch.nn.Module, module_name: str, param_key: str) -> torch.dtype | None:
-    """The dtype a parameter keeps instead of fp8/half storage, from the model's own hints.
+# Layers whose weights stay in the computation dtype under fp8/half storage, whatever the
+# model says: normalisations, embeddings of positions/patches and the outermost projections
+# are tiny and sensitive (the same defaults as diffusers' layerwise casting).
+DEFAULT_SKIP_PATTERNS = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")
 
-    diffusers' ``_skip_layerwise_casting_patterns`` (regexes over module names) keep the
-    computation dtype; ``_keep_in_fp32_modules`` (name components) keep float32.
+
+def _skip_casting(model: torch.nn.Module, module: torch.nn.Module, module_name: str, param_key: str):
+    """The dtype a parameter keeps instead of low-precision storage, from the model's hints.
+
+    ``_keep_in_fp32_modules`` (name components; diffusers and transformers) keep float32;
+    ``_skip_layerwise_casting_patterns`` (regexes over module names), the defaults above and
+    normalisation layers keep the computation dtype. None: the config's dtypes apply.
     """
     keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()
-    parts = param_key.split(".")
-    if any(name in parts for name in keep_fp32):
+    if any(name in param_key.split(".") for name in keep_fp32):
         return torch.float32
-    skip = getattr(model, "_skip_layerwise_casting_patterns", None) or ()
-    if any(re.search(pattern, module_name) for pattern in skip):
-        return "computation"  # type: ignore[return-value]
+    patterns = DEFAULT_SKIP_PATTERNS + tuple(getattr(model, "_skip_layerwise_casting_patterns", None) or ())
+    if "Norm" in type(module).__name__ or any(re.search(p, module_name) for p in patterns):
+        return "computation"
     return None
 
 
-def _slot_config(model: torch.nn.Module, config: VramConfig, module_name: str, key: str) -> VramConfig:
-    rule = _skip_casting(model, module_name, key)
+def _slot_config(model: torch.nn.Module, module: torch.nn.Module, config: VramConfig, module_name: str,
+                 key: str) -> VramConfig:
+    rule = _skip_casting(model, module, module_name, key)
     if rule is None:
         return config
+    low = [p for p in (config.offload, config.onload, config.preparing, config.computation)
+           if not p.is_disk and (p.dtype in FP8_DTYPES or p.dtype in _HALF_DTYPES)]
     if rule == torch.float32:
-        if config.computation.dtype in _HALF_DTYPES or any(
-                p.dtype in FP8_DTYPES for p in (config.offload, config.onload, config.preparing) if not p.is_disk):
-            return config.with_dtype(torch.float32)
-        return config
+        return config.with_dtype(torch.float32) if low else config
     if any(not p.is_disk and p.dtype != config.computation.dtype
            for p in (config.offload, config.onload, config.preparing)):
         return config.with_dtype(config.computation.dtype)
@@ -482,7 +488,7 @@ def _bind(managed: ManagedModel, model: torch.nn.Module, config: VramConfig, sou
             if not param.dtype.is_floating_point:
                 problems.append(f"parameter {keys[0]!r} has non-float dtype {param.dtype}; not supported")
                 continue
-            slot_config = _slot_config(model, config, module_name, keys[0])
+            slot_config = _slot_config(model, module, config, module_name, keys[0])
             slots_by_param[id(param)] = Slot(managed, module_name, keys, param.shape, slot_config, info)
     if problems:
         where = f" in {source.describe()}" if source is not None else ""
