@@ -108,10 +108,11 @@ def test_bf16_matches_a_bf16_model(case_and_files):
     """bf16 storage and compute equal a plain model loaded in bf16 (fp32-kept modules kept)."""
     case, plain, folder = case_and_files
     reference_model = copy.deepcopy(plain).to(torch.bfloat16)
-    originals = dict(plain.named_parameters())
-    for key, param in reference_model.named_parameters():
-        if keep_fp32(plain, key):
-            param.data = originals[key].data.clone()
+    # As from_pretrained(torch_dtype=bf16) does: modules the model keeps in fp32 stay fp32.
+    originals = dict(plain.named_parameters()) | dict(plain.named_buffers())
+    for key, tensor in [*reference_model.named_parameters(), *reference_model.named_buffers()]:
+        if keep_fp32(plain, key) and tensor.is_floating_point():
+            tensor.data = originals[key].data.clone()
     inputs = as_dtype(case.inputs(FP32), torch.bfloat16)
     expected = run(case, reference_model, inputs)
     with vram.empty_weights():
