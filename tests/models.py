@@ -181,3 +181,24 @@ def save_weights(model: torch.nn.Module, folder: Path, shards: int = 1) -> Path:
         weight_map.update({k: name for k in part})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return folder
+
+
+class Stack(torch.nn.Module):
+    """A plain stack of Linear + LayerNorm blocks: predictable layer sizes for budget tests."""
+
+    def __init__(self, width: int = 256, depth: int = 8, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(width, width, dtype=dtype),
+                                                              torch.nn.LayerNorm(width, dtype=dtype))
+                                          for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+        return x
+
+
+def stack_files(folder: Path, seed: int = 0, **kwargs) -> tuple[Stack, Path]:
+    torch.manual_seed(seed)
+    model = Stack(**kwargs).eval()
+    return model, save_weights(model, folder)

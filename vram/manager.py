@@ -80,6 +80,7 @@ class Manager:
 
     def __init__(self):
         self.lock = threading.RLock()
+        self.room = threading.Condition(self.lock)  # notified whenever bytes are refunded
         self.counters = Counters()
         self._ledger: dict[tuple[str, str, str, str], int] = defaultdict(int)
         self._device_bytes: dict[str, int] = defaultdict(int)
@@ -163,6 +164,7 @@ class Manager:
         if self._ledger[entry] <= 0:
             del self._ledger[entry]
         self._device_bytes[key] -= nbytes
+        self.room.notify_all()
 
     def fits(self, device: torch.device, nbytes: int, headroom: int = 0) -> bool:
         budget = self.budget(device)
@@ -180,6 +182,36 @@ class Manager:
         for slot in self._eviction_candidates(device, requester, own):
             slot.evict()
             if self.fits(device, nbytes, headroom):
+                return True
+        return False
+
+    def reclaim_prefetches(self, device: str) -> bool:
+        """Drop staged copies no forward uses yet (finished or not yet started prefetches).
+        True if anything was dropped. Caller holds the lock."""
+        dropped = False
+        for model in self._models.values():
+            for slot in model.slots:
+                future = slot.pending
+                if future is None or slot.users or slot.config.preparing.device is None:
+                    continue
+                if str(slot.config.preparing.device) != device:
+                    continue
+                if future.done() or future.cancel():
+                    slot.pending = None
+                    slot.drop_prepared()
+                    dropped = True
+        return dropped
+
+    def busy(self, device: str, besides: "ManagedModel") -> bool:
+        """Whether memory on ``device`` will be released soon: another model holds layers in use
+        or copies in flight, or a read of the waiting model itself is still running."""
+        for model in self._models.values():
+            if model.budget_key != device:
+                continue
+            if model is besides:  # its own forward is the one waiting; only its reads count
+                if any(slot.pending is not None and not slot.pending.done() for slot in model.slots):
+                    return True
+            elif any(slot.users or slot.pending is not None for slot in model.slots):
                 return True
         return False
 

@@ -83,7 +83,8 @@ class ManagedModel:
             # Without a cap, a CPU that computes from disk keeps nothing: the point of the
             # disk tier is RAM, and the RAM cache is the knob for keeping weights there.
             return not (slot.base is None and slot.config.preparing.device.type == "cpu")
-        return get_manager().fits(self.budget_key, 0, headroom=self.window_bytes)
+        # The running model comes first: idle models' kept copies make way for it.
+        return get_manager().make_room(self.budget_key, 0, self, headroom=self.window_bytes, own=False)
 
     def _measure_needs(self) -> None:
         needs = {layer: sum(s.prepared_nbytes + s.compute_nbytes for s in layer.slots) for layer in self.layers}
@@ -263,22 +264,23 @@ class ManagedModel:
                     slot.drop_prepared()
 
     def _reserve(self, nbytes: int) -> None:
-        """Make room for a copy the current forward needs (caller holds the manager lock)."""
+        """Make room for a copy the current forward needs (caller holds the manager lock).
+
+        Evicts idle copies, then drops prefetches nobody uses yet; while another forward on
+        the device holds what is missing, waits for it to release (up to a minute).
+        """
         manager = get_manager()
-        if self.config.vram_limit == 0 or manager.make_room(self.budget_key, nbytes, self):
+        if self.config.vram_limit == 0:
             return
-        # Last resort: finish this model's prefetches and drop them.
-        for slot in self.slots:
-            future = slot.pending
-            if future is not None and slot.users == 0:
-                try:
-                    future.result()
-                except BaseException:
-                    pass
-                slot.pending = None
-                slot.drop_prepared()
-        if manager.make_room(self.budget_key, nbytes, self):
-            return
+        deadline = time.monotonic() + 60.0
+        while True:
+            if manager.make_room(self.budget_key, nbytes, self):
+                return
+            if manager.reclaim_prefetches(self.budget_key):
+                continue
+            if not manager.busy(self.budget_key, besides=self) or time.monotonic() > deadline:
+                break
+            manager.room.wait(0.05)
         budget = manager.budget(self.budget_key)
         raise VramLimitError(
             f"{self.name}: {nbytes / GIB:.4f} GiB more on {self.budget_key} would pass its budget "

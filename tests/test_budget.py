@@ -1,0 +1,158 @@
+"""Budgets: what the core holds never passes vram_limit; eviction frees room for others."""
+
+import threading
+
+import pytest
+import torch
+
+import vram
+from models import Stack, stack_files
+
+GIB = vram.GIB
+DISK_TO_CPU = {"offload_device": "disk", "offload_dtype": "disk", "onload_device": "disk", "onload_dtype": "disk",
+               "preparing_device": "cpu", "preparing_dtype": torch.float32,
+               "computation_device": "cpu", "computation_dtype": torch.float32}
+LAYER_BYTES = 256 * 256 * 4 + 256 * 4  # one Linear of the stack
+
+
+def managed_stack(folder, limit, seed=0, **extra):
+    plain, path = stack_files(folder, seed=seed)
+    with vram.empty_weights():
+        model = Stack()
+    vram.enable_vram_management(model, DISK_TO_CPU | extra, vram_limit=limit, weights=path, name=f"stack{seed}")
+    return plain, model
+
+
+def test_resident_bytes_never_pass_the_budget(tmp_path):
+    limit = 4.5 * LAYER_BYTES / GIB
+    plain, model = managed_stack(tmp_path, limit)
+    manager = vram.get_manager()
+    budget = manager.budget("cpu")
+    assert budget == int(limit * GIB)
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        expected = plain(x)
+        for _ in range(3):
+            assert torch.equal(model(x), expected)
+            assert manager.peak_bytes("cpu") <= budget
+    # Some layers stay prepared (the budget has room beyond the streaming window), not all.
+    states = vram.managed(model).layer_states()
+    prepared = [name for name, state in states.items() if state == "preparing"]
+    assert 0 < len(prepared) < len(states)
+    assert vram.stats()["models"]["stack0"]["resident"]["cpu"]["prepared"] <= budget
+    vram.disable_vram_management(model)
+
+
+def test_eviction_makes_room_for_another_model(tmp_path):
+    limit = 6.5 * LAYER_BYTES / GIB
+    plain_a, model_a = managed_stack(tmp_path / "a", limit, seed=1)
+    plain_b, model_b = managed_stack(tmp_path / "b", limit, seed=2)
+    manager = vram.get_manager()
+    before = manager.counters.evictions
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        assert torch.equal(model_a(x), plain_a(x))
+        assert torch.equal(model_a(x), plain_a(x))
+        held_by_a = vram.managed(model_a).resident_bytes().get("cpu", 0)
+        assert held_by_a > 0
+        assert torch.equal(model_b(x), plain_b(x))
+        assert torch.equal(model_b(x), plain_b(x))
+    assert manager.counters.evictions > before
+    assert vram.managed(model_a).resident_bytes().get("cpu", 0) < held_by_a
+    assert manager.peak_bytes("cpu") <= manager.budget("cpu")
+    ledger = manager.ledger()
+    assert any(model == "stack2" and kind == "prepared" for (_, model, _, kind) in ledger)
+    vram.disable_vram_management(model_a)
+    vram.disable_vram_management(model_b)
+
+
+def test_offload_releases_everything_staged(tmp_path):
+    plain, model = managed_stack(tmp_path, None, ram_cache_gib=0)
+    vram.onload(model)
+    with torch.no_grad():
+        model(torch.randn(1, 256))
+    vram.offload(model)
+    assert vram.managed(model).resident_bytes().get("cpu", 0) == 0
+    assert set(vram.managed(model).layer_states().values()) == {"offload"}
+    vram.disable_vram_management(model)
+
+
+def test_cap_smaller_than_a_layer_fails_before_any_work(tmp_path):
+    _, path = stack_files(tmp_path)
+    with vram.empty_weights():
+        model = Stack()
+    with pytest.raises(ValueError, match="vram_limit=.* too small .*blocks"):
+        vram.enable_vram_management(model, DISK_TO_CPU, vram_limit=0.5 * LAYER_BYTES / GIB, weights=path)
+    assert not vram.is_managed(model)
+
+
+def test_ram_cache_spares_the_second_read(tmp_path):
+    plain, model = managed_stack(tmp_path, 0, ram_cache_gib=1.0)
+    counters = vram.get_manager().counters
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        start = counters.bytes_read_from_disk
+        assert torch.equal(model(x), plain(x))
+        first = counters.bytes_read_from_disk - start
+        assert torch.equal(model(x), plain(x))
+        second = counters.bytes_read_from_disk - start - first
+    assert first >= 8 * LAYER_BYTES
+    assert second == 0
+    assert vram.get_manager().ledger().get(("host", "stack0", "(ram cache)", "cache"), 0) >= first
+    vram.disable_vram_management(model)
+
+
+def test_two_models_in_two_threads_stay_correct(tmp_path):
+    limit = 5.5 * LAYER_BYTES / GIB
+    plain_a, model_a = managed_stack(tmp_path / "a", limit, seed=3)
+    plain_b, model_b = managed_stack(tmp_path / "b", limit, seed=4)
+    inputs = [torch.randn(2, 256, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    with torch.no_grad():
+        expected = {("a", i): plain_a(x) for i, x in enumerate(inputs)} | \
+                   {("b", i): plain_b(x) for i, x in enumerate(inputs)}
+    failures = []
+    barrier = threading.Barrier(2)
+
+    def work(tag, model):
+        barrier.wait()
+        with torch.no_grad():
+            for _ in range(4):
+                for i, x in enumerate(inputs):
+                    if not torch.equal(model(x), expected[(tag, i)]):
+                        failures.append((tag, i))
+
+    threads = [threading.Thread(target=work, args=("a", model_a)), threading.Thread(target=work, args=("b", model_b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    manager = vram.get_manager()
+    assert manager.peak_bytes("cpu") <= manager.budget("cpu")
+    # Nothing is left in use or in flight.
+    for model in (model_a, model_b):
+        assert all(slot.users == 0 for slot in vram.managed(model).slots)
+        assert all(slot.pending is None or slot.pending.done() for slot in vram.managed(model).slots)
+    vram.disable_vram_management(model_a)
+    vram.disable_vram_management(model_b)
+
+
+def test_one_model_shared_by_two_threads(tmp_path):
+    plain, model = managed_stack(tmp_path, 0)
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        expected = plain(x)
+    results = []
+
+    def work():
+        with torch.no_grad():
+            for _ in range(5):
+                results.append(torch.equal(model(x), expected))
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True] * 10
+    vram.disable_vram_management(model)
