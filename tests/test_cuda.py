@@ -1,0 +1,93 @@
+"""The CUDA paths: side-stream copies ordered by events, pinned host memory, the cap.
+
+Marked `cuda`; skipped on machines without an NVIDIA GPU (CI has none)."""
+
+import copy
+
+import pytest
+import torch
+
+import vram
+from models import CASES, Stack, save_weights
+
+pytestmark = pytest.mark.cuda
+GIB = vram.GIB
+
+
+def config(offload, preparing_dtype=torch.bfloat16, computation_dtype=torch.bfloat16, **extra):
+    device, dtype = offload
+    return {"offload_device": device, "offload_dtype": dtype, "onload_device": device, "onload_dtype": dtype,
+            "preparing_device": "cuda", "preparing_dtype": preparing_dtype,
+            "computation_device": "cuda", "computation_dtype": computation_dtype, **extra}
+
+
+@pytest.mark.parametrize("name", ["zimage", "wan", "vae", "t5"])
+@pytest.mark.parametrize("offload", [("cuda", torch.float32), ("cpu", torch.float32), ("disk", "disk")])
+def test_cuda_equivalence(tmp_path, name, offload):
+    case = CASES[name]
+    plain = case.make()
+    save_weights(plain, tmp_path)
+    reference = copy.deepcopy(plain).cuda()
+    inputs = [x.cuda() if isinstance(x, torch.Tensor) else x for x in _flat(case.inputs(torch.float32))]
+    inputs = _unflat(case.inputs(torch.float32), inputs)
+    with torch.no_grad():
+        expected = case.run(reference, inputs)
+    with vram.empty_weights():
+        model = case.make()
+    vram.enable_vram_management(model, config(offload, torch.float32, torch.float32), vram_limit=0, weights=tmp_path)
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(case.run(model, inputs), expected)
+    vram.disable_vram_management(model)
+
+
+def test_streaming_respects_the_cap_and_prefetches(tmp_path):
+    torch.manual_seed(0)
+    plain = Stack(width=4096, depth=16, dtype=torch.bfloat16)  # 512 MiB of bf16 weights
+    path = save_weights(plain, tmp_path)
+    x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = plain.cuda()(x)
+    del plain
+    torch.cuda.empty_cache()
+    limit = 0.25 * 0.5  # 25% of the weights, GiB
+    with vram.empty_weights():
+        model = Stack(width=4096, depth=16, dtype=torch.bfloat16)
+    vram.enable_vram_management(model, config(("cpu", torch.bfloat16)), vram_limit=limit, weights=path)
+    vram.onload(model)
+    counters = vram.get_manager().counters
+    hits = counters.prefetch_hits
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(model(x), expected)
+    report = vram.last_report()
+    assert report.cap_bytes == int(limit * GIB)
+    assert report.within_cap, report.describe()
+    assert counters.prefetch_hits > hits
+    assert counters.bytes_to_device > 0
+    vram.disable_vram_management(model)
+
+
+def test_host_weights_are_pinned_in_place(tmp_path):
+    model = Stack(width=1024, depth=2)
+    vram.enable_vram_management(model, config(("cpu", torch.float32), torch.float32, torch.float32))
+    record = vram.managed(model)
+    big = [slot for slot in record.slots if slot.numel * 4 >= 1 << 20]
+    assert big and all(slot.base.is_pinned() for slot in big)
+    vram.disable_vram_management(model)
+
+
+def _flat(inputs):
+    if isinstance(inputs, (list, tuple)):
+        return [y for x in inputs for y in _flat(x)]
+    return [inputs]
+
+
+def _unflat(template, flat):
+    flat = list(flat)
+
+    def build(t):
+        if isinstance(t, (list, tuple)):
+            return type(t)(build(x) for x in t)
+        return flat.pop(0)
+    return build(template)
