@@ -139,6 +139,10 @@ class VramConfig:
         if self.computation.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"computation_dtype: {self.computation.device} cannot compute in "
                              f"{self.computation.dtype}; use one of {_names(COMPUTE_DTYPES)}")
+        if self.computation.device.type == "cuda" and self.computation.dtype == torch.bfloat16 \
+                and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"computation_dtype: {self.computation.device} cannot compute in bfloat16 "
+                             f"(pre-Ampere GPU); use float16")
         parse_vram_limit(self.vram_limit)
         if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
             raise ValueError(f"prefetch must be an integer >= 0, got {self.prefetch!r}")

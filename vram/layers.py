@@ -122,7 +122,7 @@ class Slot:
         else:
             if not fits(self, self.nbytes(placement.dtype)):
                 return
-            source = self.base if self.base is not None else self.read()
+            source = self.base if self.base is not None else self.read(pin=False)
             new = source.to(device=placement.device, dtype=placement.dtype, copy=source is self.base)
         with manager.lock:
             self._drop_base()
@@ -147,6 +147,8 @@ class Slot:
     def _drop_base(self) -> None:
         if self.base is not None:
             if self.base_pinned:
+                # Copies issued from this memory must finish before it is pageable again.
+                self.model.mover.synchronize()
                 unpin_in_place(self.base)
                 self.base_pinned = False
             get_manager().refund(self.base_ledger, self.model.name, self.layer, "base",
@@ -160,9 +162,10 @@ class Slot:
             self._resident_param = torch.nn.Parameter(self.base, requires_grad=False)
         return self._resident_param
 
-    def read(self) -> torch.Tensor:
-        """The weights from disk (through the model's RAM cache), in the file's dtype."""
-        return self.model.read_weight(self)
+    def read(self, pin: bool = True) -> torch.Tensor:
+        """The weights from disk (through the model's RAM cache), in the file's dtype; read
+        into pinned memory when they go on to an accelerator and ``pin`` allows it."""
+        return self.model.read_weight(self, pin=pin)
 
     # -- staging (per layer, driven by the core) -----------------------------------------
     def stage(self) -> Staged:
@@ -205,6 +208,7 @@ class ManagedLayer:
         self.entries = entries
         self.index = -1
         self.static = False
+        self.need = 0  # bytes its forward adds on the computation device (staged + cast copies)
         self._lock = threading.RLock()
         self._local = threading.local()
         self._active: list[tuple[Slot, torch.Tensor, int]] = []

@@ -9,6 +9,7 @@ it) so that the next ``prefetch`` layers are staged while one computes.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -87,16 +88,16 @@ class ManagedModel:
         return get_manager().make_room(self.budget_key, 0, self, headroom=self.window_bytes, own=False)
 
     def _measure_needs(self) -> None:
-        needs = {layer: sum(s.prepared_nbytes + s.compute_nbytes for s in layer.slots) for layer in self.layers}
-        self.max_layer_need = max(needs.values(), default=0)
+        for layer in self.layers:
+            layer.need = sum(s.prepared_nbytes + s.compute_nbytes for s in layer.slots)
+        self.max_layer_need = max((layer.need for layer in self.layers), default=0)
         self.window_bytes = self.max_layer_need * (self.config.prefetch + 1)
 
     def check_cap(self) -> None:
         """A cap that cannot hold the largest layer (or a resident base) fails before any work."""
         if not self.cap_bytes:
             return
-        largest = max(self.layers, key=lambda l: sum(s.prepared_nbytes + s.compute_nbytes for s in l.slots),
-                      default=None)
+        largest = max(self.layers, key=lambda layer: layer.need, default=None)
         resident = sum(s.nbytes(s.base.dtype) for s in self.slots
                        if s.base is not None and s.base_ledger == self.budget_key)
         if largest is not None and self.max_layer_need + resident > self.cap_bytes:
@@ -107,7 +108,7 @@ class ManagedModel:
                              f"dtype, or vram_limit=0 to stream every layer with no cap.")
 
     # -- weights from disk -------------------------------------------------------------------
-    def read_weight(self, slot: Slot) -> torch.Tensor:
+    def read_weight(self, slot: Slot, pin: bool = True) -> torch.Tensor:
         """A slot's weights from its file, through the RAM cache when one is configured."""
         key = slot.info.key
         if self._cache_limit:
@@ -116,8 +117,7 @@ class ManagedModel:
                 if cached is not None:
                     self._cache.move_to_end(key)
                     return cached
-        pin = self.mover.is_cuda and self.config.pin_memory
-        tensor = self.source.read(key, pin_memory=pin)
+        tensor = self.source.read(key, pin_memory=pin and self.mover.is_cuda and self.config.pin_memory)
         manager = get_manager()
         with manager.lock:
             manager.counters.bytes_read_from_disk += slot.info.nbytes
@@ -152,14 +152,21 @@ class ManagedModel:
             previous, self._last_layer = self._last_layer, layer
             if previous is not None and previous is not layer:
                 self.successor[previous] = layer
-        upcoming = layer
-        for _ in range(self.config.prefetch):
+        # Look ahead `prefetch` layers that carry weight; small ones (norms, biases-only
+        # modules) ride along without using up the window, up to 4x the walk.
+        upcoming, counted = layer, 0
+        for _ in range(4 * self.config.prefetch):
+            if counted >= self.config.prefetch:
+                break
             upcoming = self.successor.get(upcoming)
             if upcoming is None or upcoming is layer:
                 break
-            if not upcoming.static:
-                for slot in upcoming.slots:
-                    self.prefetch(slot)
+            if upcoming.static:
+                continue
+            if upcoming.need * 8 >= self.max_layer_need:
+                counted += 1
+            for slot in upcoming.slots:
+                self.prefetch(slot)
 
     def prefetch(self, slot: Slot) -> None:
         """Stage a slot in the background if the budget has room beside the current layer."""
@@ -528,7 +535,7 @@ def _bind(managed: ManagedModel, model: torch.nn.Module, config: VramConfig, sou
     managed.check_cap()
 
     managed._handles = [
-        model.register_forward_pre_hook(managed._run_start),
+        model.register_forward_pre_hook(managed._run_start, prepend=True),
         model.register_forward_hook(managed._run_end, always_call=True),
     ]
     for layer in managed.layers:
@@ -596,6 +603,18 @@ def managed(model: torch.nn.Module) -> ManagedModel:
 
 def is_managed(model: torch.nn.Module) -> bool:
     return getattr(model, _MANAGED_ATTR, None) is not None
+
+
+@contextlib.contextmanager
+def track(model: torch.nn.Module):
+    """Report peak memory against the cap for work that does not go through
+    ``model.forward`` (``vae.decode(...)``, ``text_encoder.generate(...)``)."""
+    record = managed(model)
+    record._run_start(model, ())
+    try:
+        yield record
+    finally:
+        record._run_end(model, (), None)
 
 
 def onload(model: torch.nn.Module) -> None:

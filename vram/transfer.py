@@ -55,6 +55,11 @@ class Mover:
         self.bytes_to_device = 0
         self._lock = threading.Lock()
 
+    def synchronize(self) -> None:
+        """Wait for this device's side-stream copies (only on state changes, never per layer)."""
+        if self.stream is not None:
+            self.stream.synchronize()
+
     def convert(self, tensor: torch.Tensor, placement: Placement) -> Staged:
         """``tensor`` at ``placement``; a new tensor unless it is already there."""
         device, dtype = placement.device, placement.dtype
