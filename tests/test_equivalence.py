@@ -119,6 +119,13 @@ def test_bf16_matches_a_bf16_model(case_and_files):
         model = case.make()
     config = cfg(DISK, ("cpu", torch.bfloat16), ("cpu", torch.bfloat16))
     vram.enable_vram_management(model, config, vram_limit=0, weights=folder)
+    # Buffer dtypes are the builder's choice: convert them as the reference was converted
+    # (on a managed model .to() touches buffers only), fp32-kept modules' buffers excepted.
+    model.to(torch.bfloat16)
+    reference_buffers = dict(reference_model.named_buffers())
+    for key, buffer in model.named_buffers():
+        if keep_fp32(plain, key):
+            buffer.data = reference_buffers[key].data.clone()
     assert torch.equal(run(case, model, inputs), expected)
     vram.disable_vram_management(model)
 

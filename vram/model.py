@@ -559,27 +559,24 @@ def _initial_base(slot: Slot, param: torch.nn.Parameter, source: WeightSource | 
 
 
 def _bind_buffers(model: torch.nn.Module, config: VramConfig, source: WeightSource | None) -> None:
-    """Buffers stay plain tensors on the computation device, floating ones in the computation
-    dtype (what ``model.to(dtype)`` does) unless the model keeps their module in float32;
-    persistent buffers present in the weights take the file's values."""
+    """Buffers stay plain tensors, moved to the computation device in the dtype the model
+    built them with (libraries differ on which buffers stay float32, e.g. rotary tables, so
+    the builder decides; ``model.to(dtype)`` still converts them). Persistent buffers present
+    in the weights take the file's values."""
     device = config.computation.device
-    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()
     for module_name, module in model.named_modules():
         for buffer_name, buffer in list(module._buffers.items()):
             if buffer is None:
                 continue
             key = f"{module_name}.{buffer_name}" if module_name else buffer_name
             persistent = buffer_name not in module._non_persistent_buffers_set
-            dtype = buffer.dtype
-            if dtype.is_floating_point and not any(name in key.split(".") for name in keep_fp32):
-                dtype = config.computation.dtype
             if source is not None and persistent and key in source:
-                value = source.read(key).to(device=device, dtype=dtype)
+                value = source.read(key).to(device=device, dtype=buffer.dtype)
             elif buffer.device.type == "meta":
                 raise ValueError(f"buffer {key!r} is on the meta device and not in the weights; build the "
                                  f"model inside vram.empty_weights(), which keeps buffers real")
             else:
-                value = buffer.to(device=device, dtype=dtype)
+                value = buffer.to(device=device)
             module._buffers[buffer_name] = value
 
 
