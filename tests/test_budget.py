@@ -156,3 +156,24 @@ def test_one_model_shared_by_two_threads(tmp_path):
         t.join()
     assert results == [True] * 10
     vram.disable_vram_management(model)
+
+
+def test_onload_to_ram_and_track(tmp_path):
+    """Onloading a disk-tier model to RAM reads it once; vram.track reports work done
+    outside forward against the cap."""
+    plain, path = stack_files(tmp_path)
+    with vram.empty_weights():
+        model = Stack()
+    config = dict(DISK_TO_CPU, onload_device="cpu", onload_dtype=torch.float32,
+                  offload_device="disk", offload_dtype="disk")
+    vram.enable_vram_management(model, config, vram_limit=6 * LAYER_BYTES / GIB, weights=path)
+    vram.onload(model)
+    record = vram.managed(model)
+    # On the CPU the onload tier is host RAM, not the budget device: everything fits.
+    assert record.resident_bytes()["host"] >= 8 * LAYER_BYTES
+    x = torch.randn(2, 256)
+    with torch.no_grad(), vram.track(model) as tracked:
+        assert torch.equal(model(x), plain(x))
+    report = vram.last_report()
+    assert report.model == tracked.name and report.within_cap
+    vram.disable_vram_management(model)
