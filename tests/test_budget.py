@@ -177,3 +177,20 @@ def test_onload_to_ram_and_track(tmp_path):
     report = vram.last_report()
     assert report.model == tracked.name and report.within_cap
     vram.disable_vram_management(model)
+
+
+def test_the_order_is_learned_and_later_forwards_are_prefetched(tmp_path):
+    plain, model = managed_stack(tmp_path, 0)
+    counters = vram.get_manager().counters
+    x = torch.randn(2, 256)
+    misses = []
+    with torch.no_grad():
+        for _ in range(3):
+            before = counters.prefetch_misses
+            assert torch.equal(model(x), plain(x))
+            misses.append(counters.prefetch_misses - before)
+    slots = len(vram.managed(model).slots)
+    assert misses[0] == slots          # nothing known yet: every weight read on demand
+    assert misses[1] <= 2              # the first layer's weights, before the loop closed
+    assert misses[2] == 0              # the end of one forward prefetches the next one's start
+    vram.disable_vram_management(model)
