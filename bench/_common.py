@@ -201,6 +201,51 @@ class Memory:
             self.anon_peak = anon
 
 
+class CpuShare:
+    """How much CPU other processes used while this one ran (noisy neighbours bias timings).
+
+    From /proc/stat (all CPUs: busy and steal jiffies) and /proc/self/stat (this process,
+    all threads). ``other_cores``: average number of cores busy with other work;
+    ``steal_cores``: average cores the hypervisor gave to other guests.
+    """
+
+    def __init__(self):
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._start = None
+
+    @staticmethod
+    def _system() -> tuple[int, int]:
+        with open("/proc/stat") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+        user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        return user + nice + system + irq + softirq, steal
+
+    @staticmethod
+    def _self() -> int:
+        with open("/proc/self/stat") as handle:
+            rest = handle.read().rsplit(")", 1)[1].split()
+        return int(rest[11]) + int(rest[12])  # utime + stime of all threads
+
+    def start(self) -> None:
+        try:
+            self._start = (time.perf_counter(), *self._system(), self._self())
+        except (OSError, ValueError, IndexError):
+            self._start = None
+
+    def stop(self) -> dict:
+        if self._start is None:
+            return {}
+        try:
+            now = (time.perf_counter(), *self._system(), self._self())
+        except (OSError, ValueError, IndexError):
+            return {}
+        wall = max(1e-9, now[0] - self._start[0])
+        busy = (now[1] - self._start[1]) / self.hz
+        steal = (now[2] - self._start[2]) / self.hz
+        mine = (now[3] - self._start[3]) / self.hz
+        return {"self_cores": mine / wall, "other_cores": max(0.0, busy - mine) / wall, "steal_cores": steal / wall}
+
+
 # ------------------------------------------------------------------------------------------
 # Timing and workers
 # ------------------------------------------------------------------------------------------
@@ -277,7 +322,19 @@ def machine_info() -> dict:
                     break
     except OSError:
         pass
+    commit = ""
+    try:
+        root = Path(__file__).resolve().parents[1]
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "vram"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        if commit and dirty:
+            commit += " (vram/ has uncommitted changes)"
+    except (OSError, subprocess.SubprocessError):
+        pass
     return {
+        "commit": commit,
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "cpu_count": os.cpu_count(),
         "cpu_model": cpu_model,

@@ -94,6 +94,7 @@ def test_inference_mode_and_no_grad_both_work():
 def test_stats_report_layer_states_and_counters(tmp_path):
     model = Zoo()
     vram.enable_vram_management(model, FP8_CPU, name="zoo-stats")
+    model.to(torch.bfloat16)  # buffers follow the builder's .to(); managed weights do not move
     with torch.no_grad():
         CASES["zoo"].run(model, CASES["zoo"].inputs(torch.bfloat16))
     stats = vram.stats()

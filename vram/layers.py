@@ -122,8 +122,15 @@ class Slot:
         else:
             if not fits(self, self.nbytes(placement.dtype)):
                 return
-            source = self.base if self.base is not None else self.read(pin=False)
-            new = source.to(device=placement.device, dtype=placement.dtype, copy=source is self.base)
+            if self.base is not None:
+                new = self.base.to(device=placement.device, dtype=placement.dtype, copy=True)
+            elif self.info.dtype == placement.dtype and placement.device.type == "cpu":
+                new = self.read()  # the read buffer becomes the base
+            else:
+                # Converted on the way in: read into the model's reused scratch buffer so no
+                # file-dtype copy is allocated (and freed) per tensor.
+                new = self.read(scratch=self.model.scratch()).to(
+                    device=placement.device, dtype=placement.dtype, copy=True)
         with manager.lock:
             self._drop_base()
             self.base, self.base_placement = new, placement
@@ -162,17 +169,18 @@ class Slot:
             self._resident_param = torch.nn.Parameter(self.base, requires_grad=False)
         return self._resident_param
 
-    def read(self, pin: bool = True) -> torch.Tensor:
-        """The weights from disk (through the model's RAM cache), in the file's dtype; read
-        into pinned memory when they go on to an accelerator and ``pin`` allows it."""
-        return self.model.read_weight(self, pin=pin)
+    def read(self, *, stream: bool = False, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """The weights from disk, in the file's dtype: a RAM copy of their own; with
+        ``stream``, staged for one forward (see ManagedModel.read_weight); with ``scratch``,
+        a view into that buffer, valid until the next read into it."""
+        return self.model.read_weight(self, stream=stream, scratch=scratch)
 
     # -- staging (per layer, driven by the core) -----------------------------------------
     def stage(self) -> Staged:
         """The weights at the preparing placement; a new tensor unless the base is there."""
         if self.prepared_is_base:
             return Staged(self.base)
-        source = self.base if self.base is not None else self.read()
+        source = self.base if self.base is not None else self.read(stream=True)
         return self.model.mover.convert(source, self.config.preparing)
 
     def drop_prepared(self) -> None:

@@ -27,7 +27,7 @@ from .config import FP8_DTYPES, GIB, Placement, VramConfig
 from .layers import ManagedLayer, Slot, VramLimitError, tier_key
 from .manager import RunReport, get_manager
 from .meta import has_meta_parameters
-from .transfer import Mover, Staged, submit
+from .transfer import Mover, Staged, submit, trim_heap
 from .weights import WeightSource
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class ManagedModel:
         self._cache_lock = threading.Lock()
         self._cache_limit = int(config.ram_cache_gib * GIB)
         self._handles: list[Any] = []
+        self._scratch: torch.Tensor | None = None
         limit = config.vram_limit
         self.cap_bytes = None if not limit else int(limit * GIB)
         self.max_layer_need = 0
@@ -108,20 +109,44 @@ class ManagedModel:
                              f"dtype, or vram_limit=0 to stream every layer with no cap.")
 
     # -- weights from disk -------------------------------------------------------------------
-    def read_weight(self, slot: Slot, pin: bool = True) -> torch.Tensor:
-        """A slot's weights from its file, through the RAM cache when one is configured."""
+    def scratch(self) -> torch.Tensor:
+        """A uint8 buffer as large as the largest tensor in the files, for bulk conversions
+        (model-level state changes, one thread at a time); freed by ``drop_scratch``."""
+        if self._scratch is None:
+            largest = max((info.nbytes for info in self.source.tensors.values()), default=0)
+            self._scratch = torch.empty(largest, dtype=torch.uint8)
+        return self._scratch
+
+    def drop_scratch(self) -> None:
+        if self._scratch is not None:
+            self._scratch = None
+            trim_heap()
+
+    def read_weight(self, slot: Slot, *, stream: bool = False, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """A slot's weights from its file, in the file's dtype.
+
+        ``stream``: for one forward, through the RAM cache when one is configured, into
+        pinned memory on CUDA (for asynchronous copies). ``scratch``: into that reused
+        buffer. Otherwise: into a new RAM tensor of its own.
+
+        Reads copy (``preadv``) rather than map the file: torch's CPU kernels may round
+        differently on weights that are not 64-byte aligned, and tensors inside a
+        .safetensors file rarely are, so mapped weights would not be bit-identical.
+        """
         key = slot.info.key
-        if self._cache_limit:
+        caching = stream and self._cache_limit and slot.info.nbytes <= self._cache_limit
+        if caching:
             with self._cache_lock:
                 cached = self._cache.get(key)
                 if cached is not None:
                     self._cache.move_to_end(key)
                     return cached
-        tensor = self.source.read(key, pin_memory=pin and self.mover.is_cuda and self.config.pin_memory)
+        pin = stream and self.mover.is_cuda and self.config.pin_memory
+        tensor = self.source.read(key, pin_memory=pin, out=scratch)
         manager = get_manager()
         with manager.lock:
             manager.counters.bytes_read_from_disk += slot.info.nbytes
-        if self._cache_limit and slot.info.nbytes <= self._cache_limit:
+        if caching:
             self._cache_put(key, tensor)
         return tensor
 
@@ -350,6 +375,7 @@ class ManagedModel:
 
         for slot in self.slots:
             slot.set_base(target, fits=fits)
+        self.drop_scratch()
         self.state = state
         for layer in self.layers:
             layer.refresh_static()
@@ -529,6 +555,7 @@ def _bind(managed: ManagedModel, model: torch.nn.Module, config: VramConfig, sou
         managed.layers.append(layer)
         module._apply = types.MethodType(_guarded_apply, module)
     managed.slots = list(dict.fromkeys(slots_by_param.values()))
+    managed.drop_scratch()
     for layer in managed.layers:
         layer.refresh_static()
     managed._measure_needs()

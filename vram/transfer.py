@@ -12,6 +12,7 @@ Two small interfaces hide what only CUDA has:
 from __future__ import annotations
 
 import atexit
+import ctypes
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -108,6 +109,18 @@ def pin_in_place(tensor: torch.Tensor) -> bool:
 def unpin_in_place(tensor: torch.Tensor) -> None:
     if torch.cuda.is_available() and tensor.device.type == "cpu":
         torch.cuda.cudart().cudaHostUnregister(tensor.untyped_storage().data_ptr())
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the system after a bulk conversion (glibc only).
+
+    Casting many tensors one after another frees buffers below glibc's mmap threshold into
+    the heap, where the results allocated between them pin it; RSS would then stay at the
+    size of what was freed."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 _reader: ThreadPoolExecutor | None = None

@@ -90,10 +90,14 @@ class SafetensorsFile:
                 self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             return self._fd
 
-    def read(self, key: str, *, pin_memory: bool = False) -> torch.Tensor:
-        """The tensor ``key`` as a new CPU tensor in its file dtype (pinned if asked)."""
+    def read(self, key: str, *, pin_memory: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``key`` as a CPU tensor in its file dtype: new (pinned if asked), or a
+        view into ``out``, a uint8 buffer of at least its size that the caller reuses."""
         info = self.tensors[key]
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
+        if out is not None:
+            buffer = out[:info.nbytes]
+        else:
+            buffer = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
         if info.nbytes:
             view = memoryview(buffer.numpy())
             done = 0
@@ -149,9 +153,9 @@ class WeightSource:
     def info(self, key: str) -> TensorInfo:
         return self.tensors[key]
 
-    def read(self, key: str, *, pin_memory: bool = False) -> torch.Tensor:
+    def read(self, key: str, *, pin_memory: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         info = self.tensors[key]
-        tensor = info.file.read(key, pin_memory=pin_memory)
+        tensor = info.file.read(key, pin_memory=pin_memory, out=out)
         with self._lock:
             self.bytes_read += info.nbytes
         return tensor
