@@ -26,3 +26,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def release_managed_models():
+    """Each test starts with a manager holding nothing: a test that fails half-way must not
+    leave its models (and their caps) behind for the next one."""
+    yield
+    import vram
+    for record in vram.get_manager().models():
+        try:
+            vram.disable_vram_management(record.module)
+        except Exception:
+            vram.get_manager().unregister(record)

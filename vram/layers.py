@@ -188,6 +188,8 @@ class Slot:
         if self.prepared_charged:
             get_manager().refund(tier_key(self.config.preparing.device), self.model.name, self.layer,
                                  "prepared", self.prepared_charged)
+            if not self.kept:
+                self.model.streaming_bytes -= self.prepared_charged
         self.prepared, self.prepared_charged, self.kept = None, 0, False
 
     def evict(self) -> None:

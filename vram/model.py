@@ -70,6 +70,8 @@ class ManagedModel:
         self.cap_bytes = None if not limit else int(limit * GIB)
         self.max_layer_need = 0
         self.window_bytes = 0
+        self.runs_done = 0  # completed top-level forwards (or vram.track blocks)
+        self.streaming_bytes = 0  # charged for copies that are not kept: in flight or in use
 
     # -- policy -----------------------------------------------------------------------------
     @property
@@ -86,7 +88,12 @@ class ManagedModel:
             # disk tier is RAM, and the RAM cache is the knob for keeping weights there.
             return not (slot.base is None and slot.config.preparing.device.type == "cpu")
         # The running model comes first: idle models' kept copies make way for it.
-        return get_manager().make_room(self.budget_key, 0, self, headroom=self.window_bytes, own=False)
+        if not self.runs_done:
+            return False  # the first forward streams: its activation peak is not known yet
+        # Kept, this copy stops being part of the streaming window; the window (whatever of
+        # it is not in flight now) must still fit beside everything kept.
+        headroom = max(0, self.window_bytes - self.streaming_bytes + slot.prepared_charged)
+        return get_manager().make_room(self.budget_key, 0, self, headroom=headroom, own=False)
 
     def _measure_needs(self) -> None:
         for layer in self.layers:
@@ -206,6 +213,7 @@ class ManagedModel:
                 return
             manager.charge(self.budget_key, self.name, slot.layer, "prepared", need)
             slot.prepared_charged = need
+            self.streaming_bytes += need
             future: Future = Future()
             slot.pending = future
         if slot.base is None or not self.mover.is_cuda:
@@ -249,6 +257,7 @@ class ManagedModel:
                     raise
                 manager.charge(self.budget_key, self.name, slot.layer, "prepared", need)
                 slot.prepared_charged = need
+                self.streaming_bytes += need
                 future = own = Future()
                 slot.pending = future
         if own is not None:
@@ -280,6 +289,7 @@ class ManagedModel:
                     slot.users -= 1
                     raise
                 manager.charge(self.budget_key, self.name, slot.layer, "computation", charged)
+                self.streaming_bytes += charged
             tensor = tensor.to(device=self.config.computation.device, dtype=slot.config.computation.dtype)
         return tensor, charged
 
@@ -288,10 +298,12 @@ class ManagedModel:
         with manager.lock:
             if charged:
                 manager.refund(self.budget_key, self.name, slot.layer, "computation", charged)
+                self.streaming_bytes -= charged
             slot.users -= 1
             if slot.users == 0 and slot.prepared_charged and not slot.kept:
                 if self.should_keep(slot):
                     slot.kept = True
+                    self.streaming_bytes -= slot.prepared_charged
                 else:
                     slot.drop_prepared()
 
@@ -353,6 +365,7 @@ class ManagedModel:
             outside_at_start = marks["alloc0"] - marks["ledger0"]
             activations = max(0, torch.cuda.max_memory_allocated(device) - outside_at_start - ledger_peak)
             manager.note_activations(self.budget_key, activations)
+        self.runs_done += 1
         manager.add_report(RunReport(self.name, str(device), self.cap_bytes, peak_reserved, ledger_peak,
                                      activations, time.perf_counter() - marks["t0"]))
         return None
