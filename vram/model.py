@@ -72,6 +72,7 @@ class ManagedModel:
         self.window_bytes = 0
         self.runs_done = 0  # completed top-level forwards (or vram.track blocks)
         self.streaming_bytes = 0  # charged for copies that are not kept: in flight or in use
+        self.makes_copies = False  # forwards allocate staged or cast copies (or read from disk)
 
     # -- policy -----------------------------------------------------------------------------
     @property
@@ -87,11 +88,11 @@ class ManagedModel:
             # Without a cap, a CPU that computes from disk keeps nothing: the point of the
             # disk tier is RAM, and the RAM cache is the knob for keeping weights there.
             return not (slot.base is None and slot.config.preparing.device.type == "cpu")
-        # The running model comes first: idle models' kept copies make way for it.
         if not self.runs_done:
             return False  # the first forward streams: its activation peak is not known yet
         # Kept, this copy stops being part of the streaming window; the window (whatever of
-        # it is not in flight now) must still fit beside everything kept.
+        # it is not in flight now) must still fit beside everything kept. The running model
+        # comes first: idle models' kept copies make way for it.
         headroom = max(0, self.window_bytes - self.streaming_bytes + slot.prepared_charged)
         return get_manager().make_room(self.budget_key, 0, self, headroom=headroom, own=False)
 
@@ -100,6 +101,7 @@ class ManagedModel:
             layer.need = sum(s.prepared_nbytes + s.compute_nbytes for s in layer.slots)
         self.max_layer_need = max((layer.need for layer in self.layers), default=0)
         self.window_bytes = self.max_layer_need * (self.config.prefetch + 1)
+        self.makes_copies = self.max_layer_need > 0 or any(slot.base is None for slot in self.slots)
 
     def check_cap(self) -> None:
         """A cap that cannot hold the largest layer (or a resident base) fails before any work."""
@@ -365,6 +367,10 @@ class ManagedModel:
             outside_at_start = marks["alloc0"] - marks["ledger0"]
             activations = max(0, torch.cuda.max_memory_allocated(device) - outside_at_start - ledger_peak)
             manager.note_activations(self.budget_key, activations)
+        if device.type == "cpu" and self.makes_copies:
+            # Per-layer copies below glibc's mmap threshold come and go from the heap; hand
+            # what they freed back after each forward so RAM does not creep up run by run.
+            trim_heap()
         self.runs_done += 1
         manager.add_report(RunReport(self.name, str(device), self.cap_bytes, peak_reserved, ledger_peak,
                                      activations, time.perf_counter() - marks["t0"]))
