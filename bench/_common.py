@@ -351,3 +351,16 @@ def md_table(headers: list[str], rows: list[list[str]]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in row) + " |")
     return "\n".join(lines)
+
+
+def serve_worker(worker, args) -> int:
+    """Run one benchmark row in this (child) process; an error becomes a result line with
+    its reason, so the parent can print it in the table."""
+    import traceback
+    try:
+        worker(args)
+    except BaseException as error:  # reported to the parent
+        traceback.print_exc()
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}" if str(error) else type(error).__name__
+        emit({"mode": args.worker, "error": reason})
+    return 0

@@ -38,7 +38,6 @@ import shutil
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -48,7 +47,7 @@ if str(HERE) not in sys.path:
 
 import torch  # noqa: E402
 
-from _common import (GIB, MIB, CpuShare, Memory, block_params, blocks_for_size, build_synthetic, emit,  # noqa: E402
+from _common import (serve_worker, GIB, MIB, CpuShare, Memory, block_params, blocks_for_size, build_synthetic, emit,  # noqa: E402
                      machine_info, make_weights, md_table, proc_status, run_worker, warm_page_cache)
 
 # (mode, label shown in the table)
@@ -313,13 +312,7 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.worker:
-        try:
-            worker(args)
-        except BaseException as error:  # report, so the parent can print the reason
-            traceback.print_exc()
-            emit({"mode": args.worker, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-                  if str(error) else type(error).__name__})
-        return 0
+        return serve_worker(worker, args)
 
     size_gib = args.size_gib if args.size_gib is not None else (0.5 if args.quick else 1.0)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)

@@ -41,7 +41,6 @@ import statistics
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -51,7 +50,7 @@ if str(HERE) not in sys.path:
 
 import torch  # noqa: E402
 
-from _common import (GIB, Memory, blocks_for_size, build_synthetic, emit, machine_info,  # noqa: E402
+from _common import (serve_worker, GIB, Memory, blocks_for_size, build_synthetic, emit, machine_info,  # noqa: E402
                      make_weights, md_table, proc_status, run_worker, warm_page_cache)
 
 BF16 = torch.bfloat16
@@ -487,13 +486,7 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.worker:
-        try:
-            worker(args)
-        except BaseException as error:  # noqa: BLE001 - reported to the parent
-            traceback.print_exc()
-            emit({"mode": args.worker, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-                  if str(error) else type(error).__name__})
-        return 0
+        return serve_worker(worker, args)
 
     if not torch.cuda.is_available() and not args.cpu_dry_run:
         print("core_gpu.py: CUDA is not available here (torch "

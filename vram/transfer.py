@@ -102,7 +102,8 @@ def pin_in_place(tensor: torch.Tensor) -> bool:
     storage = tensor.untyped_storage()
     if storage.nbytes() == 0:
         return False
-    result = torch.cuda.cudart().cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0)
+    portable = 1  # cudaHostRegisterPortable: pinned for every CUDA context (several GPUs)
+    result = torch.cuda.cudart().cudaHostRegister(storage.data_ptr(), storage.nbytes(), portable)
     return int(result) == 0
 
 
