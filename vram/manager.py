@@ -270,7 +270,7 @@ class Manager:
                                 "activation_reserve_bytes": self._activation_reserve[d]}
                             for d, b in self._device_bytes.items()},
                 "models": {name: {"state": m.state.value, "resident": per_model.get(name, {}),
-                                  "layers": m.layer_states()}
+                                  "summary": m.summary(), "layers": m.layer_states()}
                            for name, m in self._models.items()},
                 "counters": dict(vars(self.counters)),
                 "last_runs": [vars(r) | {"within_cap": r.within_cap} for r in self.reports[-8:]],

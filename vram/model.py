@@ -400,6 +400,20 @@ class ManagedModel:
             layer.refresh_static()
         self._measure_needs()
 
+    def summary(self) -> dict[str, Any]:
+        """What planners and UIs need to know about this model, as plain data (bytes)."""
+        stored: dict[str, int] = {}
+        for slot in self.slots:
+            dtype = slot.info.dtype if slot.base is None else slot.base.dtype
+            key = "disk" if slot.base is None else str(slot.base_placement)
+            stored[key] = stored.get(key, 0) + slot.nbytes(dtype)
+        return {
+            "config": {k: str(v) if v is not None else None for k, v in self.config.to_dict().items()},
+            "layers": len(self.layers), "parameters": sum(slot.numel for slot in self.slots),
+            "stored_bytes": stored, "largest_layer_bytes": self.max_layer_need,
+            "window_bytes": self.window_bytes, "cap_bytes": self.cap_bytes, "runs": self.runs_done,
+        }
+
     def layer_states(self) -> dict[str, str]:
         return {layer.name: layer.state() for layer in self.layers}
 
@@ -587,6 +601,11 @@ def _bind(managed: ManagedModel, model: torch.nn.Module, config: VramConfig, sou
     for layer in managed.layers:
         managed._handles.append(layer.module.register_state_dict_post_hook(_state_dict_hook(managed, layer)))
     object.__setattr__(model, _MANAGED_ATTR, managed)
+    summary = managed.summary()
+    log.info("%s under VRAM management: %d layers, %s; computation %s, vram_limit %s GiB, prefetch %d",
+             managed.name, summary["layers"],
+             ", ".join(f"{n / GIB:.3f} GiB on {where}" for where, n in summary["stored_bytes"].items()),
+             config.computation, config.vram_limit, config.prefetch)
 
 
 def _initial_base(slot: Slot, param: torch.nn.Parameter, source: WeightSource | None) -> None:
