@@ -73,7 +73,7 @@ def test_offload_releases_everything_staged(tmp_path):
         model(torch.randn(1, 256))
     vram.offload(model)
     assert vram.managed(model).resident_bytes().get("cpu", 0) == 0
-    assert vram.managed(model).streaming_bytes == 0
+    assert vram.managed(model).streaming_bytes == 0 and vram.managed(model).kept_bytes == 0
     assert set(vram.managed(model).layer_states().values()) == {"offload"}
     vram.disable_vram_management(model)
 

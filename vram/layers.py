@@ -68,8 +68,11 @@ class Slot:
         self.config = config
         self.info = info
         self.placeholder = make_placeholder(shape, config.computation)
+        self.prepared_key = tier_key(config.preparing.device)  # where staged copies are charged
+        self._same_preparing_computation = config.preparing == config.computation
         self.base: torch.Tensor | None = None
-        self.base_placement: Placement | None = None
+        self.prepared_is_base = False  # the base already sits at the preparing placement
+        self._base_placement: Placement | None = None
         self.base_ledger: str | None = None  # where the base copy is charged
         self.base_pinned = False
         self._resident_param: torch.nn.Parameter | None = None
@@ -85,8 +88,13 @@ class Slot:
         return self.numel * dtype.itemsize
 
     @property
-    def prepared_is_base(self) -> bool:
-        return self.base_placement == self.config.preparing
+    def base_placement(self) -> Placement | None:
+        return self._base_placement
+
+    @base_placement.setter
+    def base_placement(self, placement: Placement | None) -> None:
+        self._base_placement = placement
+        self.prepared_is_base = placement == self.config.preparing
 
     @property
     def prepared_nbytes(self) -> int:
@@ -95,17 +103,16 @@ class Slot:
 
     @property
     def compute_nbytes(self) -> int:
-        same = self.config.preparing == self.config.computation
-        return 0 if same else self.nbytes(self.config.computation.dtype)
+        return 0 if self._same_preparing_computation else self.nbytes(self.config.computation.dtype)
 
     @property
     def static(self) -> bool:
         """The base is the computation tensor: nothing to move, ever, in this state."""
-        return self.prepared_is_base and self.config.preparing == self.config.computation
+        return self.prepared_is_base and self._same_preparing_computation
 
     def evictable_on(self, device_key: str) -> bool:
         return (self.prepared is not None and self.prepared_charged > 0 and self.users == 0
-                and self.pending is None and tier_key(self.config.preparing.device) == device_key)
+                and self.pending is None and self.prepared_key == device_key)
 
     # -- base copy (model-level states) ------------------------------------------------
     def set_base(self, placement: Placement, *, fits=lambda slot, nbytes: True) -> None:
@@ -186,9 +193,11 @@ class Slot:
     def drop_prepared(self) -> None:
         """Forget the staged copy (caller holds the manager lock)."""
         if self.prepared_charged:
-            get_manager().refund(tier_key(self.config.preparing.device), self.model.name, self.layer,
+            get_manager().refund(self.prepared_key, self.model.name, self.layer,
                                  "prepared", self.prepared_charged)
-            if not self.kept:
+            if self.kept:
+                self.model.kept_bytes -= self.prepared_charged
+            else:
                 self.model.streaming_bytes -= self.prepared_charged
         self.prepared, self.prepared_charged, self.kept = None, 0, False
 

@@ -179,6 +179,11 @@ class Manager:
         """
         if self.fits(device, nbytes, headroom):
             return True
+        # Without scanning: can evicting everything evictable make it fit at all?
+        evictable = sum(m.kept_bytes for m in self._models.values()
+                        if m.budget_key == str(device) and (own or m is not requester))
+        if not evictable or not self.fits(device, nbytes - evictable, headroom):
+            return False
         for slot in self._eviction_candidates(device, requester, own):
             slot.evict()
             if self.fits(device, nbytes, headroom):

@@ -66,18 +66,17 @@ class ManagedModel:
         self._cache_limit = int(config.ram_cache_gib * GIB)
         self._handles: list[Any] = []
         self._scratch: torch.Tensor | None = None
+        self.budget_key = tier_key(config.budget_device)  # the ledger's name for the capped device
         limit = config.vram_limit
         self.cap_bytes = None if not limit else int(limit * GIB)
         self.max_layer_need = 0
         self.window_bytes = 0
         self.runs_done = 0  # completed top-level forwards (or vram.track blocks)
         self.streaming_bytes = 0  # charged for copies that are not kept: in flight or in use
+        self.kept_bytes = 0  # charged for copies kept between forwards (what eviction can free)
         self.makes_copies = False  # forwards allocate staged or cast copies (or read from disk)
 
     # -- policy -----------------------------------------------------------------------------
-    @property
-    def budget_key(self) -> str:
-        return tier_key(self.config.budget_device)
 
     def should_keep(self, slot: Slot) -> bool:
         """Whether a staged copy stays after its forward."""
@@ -199,29 +198,37 @@ class ManagedModel:
                 continue
             if upcoming.need * 8 >= self.max_layer_need:
                 counted += 1
-            for slot in upcoming.slots:
-                self.prefetch(slot)
+            if any(slot.prepared is None and slot.pending is None for slot in upcoming.slots):
+                self.prefetch(upcoming)
 
-    def prefetch(self, slot: Slot) -> None:
-        """Stage a slot in the background if the budget has room beside the current layer."""
-        if slot.prepared_is_base:
-            return
+    def prefetch(self, layer: ManagedLayer) -> None:
+        """Stage a layer's weights in the background, as far as the budget has room beside
+        the layer computing now: one task for the whole layer."""
         manager = get_manager()
+        work: list[tuple[Slot, Future]] = []
         with manager.lock:
-            if slot.prepared is not None or slot.pending is not None:
-                return
-            need = slot.prepared_nbytes
-            if not manager.make_room(self.budget_key, need, self, headroom=self.max_layer_need, own=False):
-                return
-            manager.charge(self.budget_key, self.name, slot.layer, "prepared", need)
-            slot.prepared_charged = need
-            self.streaming_bytes += need
-            future: Future = Future()
-            slot.pending = future
-        if slot.base is None or not self.mover.is_cuda:
-            submit(self._stage_into, slot, future)  # disk reads and CPU casts overlap compute
+            for slot in layer.slots:
+                if slot.prepared_is_base or slot.prepared is not None or slot.pending is not None:
+                    continue
+                need = slot.prepared_nbytes
+                if not manager.make_room(self.budget_key, need, self, headroom=self.max_layer_need, own=False):
+                    break
+                manager.charge(self.budget_key, self.name, slot.layer, "prepared", need)
+                slot.prepared_charged = need
+                self.streaming_bytes += need
+                slot.pending = Future()
+                work.append((slot, slot.pending))
+        if not work:
+            return
+        if self.mover.is_cuda and all(slot.base is not None for slot, _ in work):
+            self._stage_all(work)  # asynchronous copies on the side stream: nothing to wait for here
         else:
-            self._stage_into(slot, future)  # an asynchronous copy on the side stream
+            submit(self._stage_all, work)  # disk reads and CPU casts overlap compute
+
+    @staticmethod
+    def _stage_all(work: list[tuple[Slot, Future]]) -> None:
+        for slot, future in work:
+            ManagedModel._stage_into(slot, future)
 
     @staticmethod
     def _stage_into(slot: Slot, future: Future) -> None:
@@ -306,6 +313,7 @@ class ManagedModel:
                 if self.should_keep(slot):
                     slot.kept = True
                     self.streaming_bytes -= slot.prepared_charged
+                    self.kept_bytes += slot.prepared_charged
                 else:
                     slot.drop_prepared()
 
