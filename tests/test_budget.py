@@ -198,3 +198,36 @@ def test_the_order_is_learned_and_later_forwards_are_prefetched(tmp_path):
     assert misses[1] <= 2              # the first layer's weights, before the loop closed
     assert misses[2] == 0              # the end of one forward prefetches the next one's start
     vram.disable_vram_management(model)
+
+
+def test_three_models_three_threads_under_one_tight_cap(tmp_path):
+    """Interleaved forwards of three models share a cap that holds a few layers: they evict
+    each other's kept copies and wait for each other's memory, and every output is exact."""
+    limit = 4.5 * LAYER_BYTES / GIB
+    pairs = [managed_stack(tmp_path / str(i), limit, seed=10 + i) for i in range(3)]
+    inputs = [torch.randn(2, 256, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    with torch.no_grad():
+        expected = [[plain(x) for x in inputs] for plain, _ in pairs]
+    failures, errors = [], []
+    barrier = threading.Barrier(3)
+
+    def work(index):
+        _, model = pairs[index]
+        barrier.wait()
+        try:
+            with torch.no_grad():
+                for round_ in range(5):
+                    for i, x in enumerate(inputs):
+                        if not torch.equal(model(x), expected[index][i]):
+                            failures.append((index, round_, i))
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and failures == []
+    manager = vram.get_manager()
+    assert manager.peak_bytes("cpu") <= manager.budget("cpu")
