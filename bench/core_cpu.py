@@ -130,6 +130,8 @@ def import_diffsynth_vram():
 
 def worker(args) -> None:
     mode = args.worker
+    if args.threads:
+        torch.set_num_threads(args.threads)
     spec = {"hidden": args.hidden, "blocks": args.blocks, "mlp_ratio": args.mlp_ratio}
     weights = Path(args.weights)
     result: dict = {"mode": mode, "python": sys.executable, "torch": torch.__version__}
@@ -286,6 +288,9 @@ def main() -> int:
     parser.add_argument("--mlp-ratio", type=int, default=3)
     parser.add_argument("--blocks", type=int, default=None, help="default: enough for --size-gib")
     parser.add_argument("--tokens", type=int, default=16, help="sequence length of the input (batch 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch compute threads in every row (default: torch's own choice); fewer than "
+                             "the cores leaves one for the disk tier's reader, as on a machine that computes on a GPU")
     parser.add_argument("--warmup", type=int, default=None, help="untimed forwards first (default 2; 1 quick)")
     parser.add_argument("--repeats", type=int, default=None, help="timed forwards (default 7; 3 quick)")
     parser.add_argument("--seed", type=int, default=0)
@@ -355,7 +360,7 @@ def main() -> int:
     results: dict[str, dict] = {}
     common = ["--hidden", str(args.hidden), "--blocks", str(blocks), "--mlp-ratio", str(args.mlp_ratio),
               "--tokens", str(args.tokens), "--warmup", str(warmup), "--repeats", str(repeats),
-              "--weights", str(weights)]
+              "--weights", str(weights)] + (["--threads", str(args.threads)] if args.threads else [])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     outputs = out_dir / "outputs"
