@@ -40,7 +40,7 @@ class VramLimitError(RuntimeError):
 
 
 def tier_key(device: torch.device) -> str:
-    """The ledger's name for a device: host RAM is 'host' unless the CPU computes."""
+    """The ledger's name for a computation device ("cpu", "cuda:0")."""
     return str(device)
 
 
@@ -209,9 +209,8 @@ class Slot:
 
     def clear(self) -> None:
         """Drop every copy but the base (caller holds the manager lock)."""
-        if self.pending is not None and not self.pending.done():
-            self.pending.cancel()
         if self.pending is not None:
+            self.pending.cancel()  # a no-op once the read has started; its result is dropped
             self.pending = None
         self.drop_prepared()
 
