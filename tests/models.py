@@ -7,7 +7,6 @@ built from the same seed (or from the plain model's saved files) must compute th
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import vram
 from vram.config import Placement, VramConfig
 
 # The four configs of DiffSynth-Studio's VRAM guide, with "cuda" as on a GPU machine.

@@ -1,8 +1,6 @@
 """Bad input gets a clear error naming the field, key or file, and changes nothing."""
 
 import hashlib
-import json
-import math
 
 import pytest
 import torch

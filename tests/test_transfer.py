@@ -40,12 +40,13 @@ def test_staged_orders_the_compute_stream_after_the_copy(monkeypatch):
 
 def test_cpu_mover_converts_without_events():
     mover = transfer.Mover(torch.device("cpu"))
+    moved = vram.get_manager().counters.bytes_to_device
     source = torch.randn(4, 4)
     same = mover.convert(source, Placement(torch.device("cpu"), torch.float32))
     assert same.tensor is source and same.event is None
     cast = mover.convert(source, Placement(torch.device("cpu"), torch.bfloat16))
     assert cast.tensor.dtype == torch.bfloat16 and cast.event is None
-    assert mover.bytes_to_device == 0  # nothing crossed to an accelerator
+    assert vram.get_manager().counters.bytes_to_device == moved  # nothing crossed to an accelerator
 
 
 def test_pinning_without_cuda_declines_cleanly():

@@ -15,7 +15,7 @@ A config names where a weight lives and in which dtype in each of the four layer
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import torch

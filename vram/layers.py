@@ -18,7 +18,6 @@ Weights move through a ``Slot``, one per unique parameter (tied parameters share
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
@@ -26,7 +25,7 @@ import torch
 
 from .config import Placement, VramConfig
 from .manager import get_manager
-from .transfer import Staged, pin_in_place, submit, unpin_in_place
+from .transfer import Staged, pin_in_place, unpin_in_place
 from .weights import TensorInfo
 
 if TYPE_CHECKING:
@@ -224,7 +223,6 @@ class ManagedLayer:
         self.name = name
         self.module = module
         self.entries = entries
-        self.index = -1
         self.static = False
         self.need = 0  # bytes its forward adds on the computation device (staged + cast copies)
         self._lock = threading.RLock()

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
 import torch

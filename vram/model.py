@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .config import FP8_DTYPES, GIB, Placement, VramConfig
+from .config import FP8_DTYPES, GIB, VramConfig
 from .layers import ManagedLayer, Slot, VramLimitError, tier_key
 from .manager import RunReport, get_manager
 from .meta import has_meta_parameters
@@ -435,9 +435,7 @@ class ManagedModel:
 
     def host_tensor(self, slot: Slot) -> torch.Tensor:
         """The stored weights of a slot, for state_dict(): the base copy, or read from disk."""
-        if slot.base is not None:
-            return slot.base
-        return self.source.read(slot.info.key)
+        return slot.base if slot.base is not None else slot.read()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,7 +589,6 @@ def _bind(managed: ManagedModel, model: torch.nn.Module, config: VramConfig, sou
                 initialized.add(id(slot))
             entries.append((param_name, slot))
         layer = ManagedLayer(managed, module_name, module, entries)
-        layer.index = len(managed.layers)
         layer.show_placeholders()
         managed.layers.append(layer)
         module._apply = types.MethodType(_guarded_apply, module)

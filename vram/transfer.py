@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import Placement
+from .manager import get_manager
 
 
 @dataclass
@@ -53,8 +54,6 @@ class Mover:
         self.device = device
         self.is_cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.is_cuda else None
-        self.bytes_to_device = 0
-        self._lock = threading.Lock()
 
     def synchronize(self) -> None:
         """Wait for this device's side-stream copies (only on state changes, never per layer)."""
@@ -70,8 +69,9 @@ class Mover:
         if not to_accelerator:
             # Casts on one device, or device->host: ordered on the current stream.
             return Staged(tensor.to(device=device, dtype=dtype, copy=True))
-        with self._lock:
-            self.bytes_to_device += min(tensor.element_size(), dtype.itemsize) * tensor.numel()
+        manager = get_manager()
+        with manager.lock:  # the process-wide counter the graphs read
+            manager.counters.bytes_to_device += min(tensor.element_size(), dtype.itemsize) * tensor.numel()
         if not self.is_cuda:
             return Staged(_cast_then_move(tensor, device, dtype, non_blocking=False))
         # Side stream: copy (in the smaller of the two dtypes) then cast on the device.
