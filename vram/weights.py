@@ -13,7 +13,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -155,10 +155,22 @@ class WeightSource:
 
     def read(self, key: str, *, pin_memory: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         info = self.tensors[key]
-        tensor = info.file.read(key, pin_memory=pin_memory, out=out)
+        tensor = info.file.read(info.key, pin_memory=pin_memory, out=out)
         with self._lock:
             self.bytes_read += info.nbytes
         return tensor
+
+    def rename_keys(self, rename: Callable[[str], str]) -> None:
+        """Address tensors by the model's names: ``rename(file_key)`` gives the key the model
+        uses (checkpoints saved by an older library version name some modules differently).
+        The files are untouched; two file keys that map to one name are an error."""
+        renamed: dict[str, TensorInfo] = {}
+        for key, info in self.tensors.items():
+            new_key = rename(key)
+            if new_key in renamed:
+                raise ValueError(f"{renamed[new_key].key!r} and {key!r} in {self.describe()} both map to {new_key!r}")
+            renamed[new_key] = info
+        self.tensors = renamed
 
     @property
     def total_bytes(self) -> int:
