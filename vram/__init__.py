@@ -21,7 +21,7 @@ from .layers import VramLimitError
 from .manager import Counters, RunReport, get_manager
 from .meta import empty_weights
 from .model import (ManagedModel, ModelState, disable_vram_management, enable_vram_management, is_managed,
-                    managed, offload, onload, track)
+                    managed, offload, onload, release, track)
 from .weights import SafetensorsFile, WeightSource
 
 
@@ -39,5 +39,5 @@ def last_report() -> RunReport | None:
 __all__ = [
     "DISK", "GIB", "Placement", "VramConfig", "VramLimitError", "Counters", "RunReport", "get_manager",
     "empty_weights", "ManagedModel", "ModelState", "disable_vram_management", "enable_vram_management",
-    "is_managed", "managed", "offload", "onload", "track", "SafetensorsFile", "WeightSource", "stats", "last_report",
+    "is_managed", "managed", "offload", "onload", "release", "track", "SafetensorsFile", "WeightSource", "stats", "last_report",
 ]

@@ -88,7 +88,8 @@ class Manager:
         self._activation_reserve: dict[str, int] = defaultdict(int)
         self._models: "weakref.WeakValueDictionary[str, ManagedModel]" = weakref.WeakValueDictionary()
         self._clock = 0
-        self.reports: list[RunReport] = []
+        self.reports: list[RunReport] = []  # the latest 256
+        self.reports_total = 0              # reports ever added: callers slice "since" with it
 
     # -- models ---------------------------------------------------------------------------
     def register(self, model: "ManagedModel") -> str:
@@ -250,9 +251,16 @@ class Manager:
     def add_report(self, report: RunReport) -> None:
         with self.lock:
             self.reports.append(report)
+            self.reports_total += 1
             del self.reports[:-256]
         level = logging.WARNING if report.within_cap is False else logging.DEBUG
         log.log(level, "run: %s", report.describe())
+
+    def reports_since(self, total: int) -> list[RunReport]:
+        """The reports added after ``reports_total`` was ``total`` (at most the latest 256)."""
+        with self.lock:
+            count = min(self.reports_total - total, len(self.reports))
+            return self.reports[-count:] if count > 0 else []
 
     # -- views ----------------------------------------------------------------------------
     def ledger(self) -> dict[tuple[str, str, str, str], int]:

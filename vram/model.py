@@ -448,14 +448,17 @@ class ManagedModel:
 DEFAULT_SKIP_PATTERNS = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")
 
 
-def _skip_casting(model: torch.nn.Module, module: torch.nn.Module, module_name: str, param_key: str):
+def _skip_casting(model: torch.nn.Module, module: torch.nn.Module, module_name: str, param_key: str,
+                  keep_fp32: Sequence[str] | None = None):
     """The dtype a parameter keeps instead of low-precision storage, from the model's hints.
 
-    ``_keep_in_fp32_modules`` (name components; diffusers and transformers) keep float32;
-    ``_skip_layerwise_casting_patterns`` (regexes over module names), the defaults above and
-    normalisation layers keep the computation dtype. None: the config's dtypes apply.
+    ``keep_fp32`` (name components; by default the model's ``_keep_in_fp32_modules``, as
+    diffusers applies it) keep float32; ``_skip_layerwise_casting_patterns`` (regexes over
+    module names), the defaults above and normalisation layers keep the computation dtype.
+    None: the config's dtypes apply.
     """
-    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()
+    if keep_fp32 is None:
+        keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()
     if any(name in param_key.split(".") for name in keep_fp32):
         return torch.float32
     patterns = DEFAULT_SKIP_PATTERNS + tuple(getattr(model, "_skip_layerwise_casting_patterns", None) or ())
@@ -465,8 +468,8 @@ def _skip_casting(model: torch.nn.Module, module: torch.nn.Module, module_name: 
 
 
 def _slot_config(model: torch.nn.Module, module: torch.nn.Module, config: VramConfig, module_name: str,
-                 key: str) -> VramConfig:
-    rule = _skip_casting(model, module, module_name, key)
+                 key: str, keep_fp32: Sequence[str] | None = None) -> VramConfig:
+    rule = _skip_casting(model, module, module_name, key, keep_fp32)
     if rule is None:
         return config
     low = [p for p in (config.offload, config.onload, config.preparing, config.computation)
@@ -494,14 +497,18 @@ def _guarded_apply(module: torch.nn.Module, fn, recurse: bool = True):
 def enable_vram_management(model: torch.nn.Module, vram_config: VramConfig | Mapping[str, Any], *,
                            vram_limit: float | None = None,
                            weights: str | os.PathLike | Sequence[str | os.PathLike] | WeightSource | None = None,
-                           name: str | None = None) -> ManagedModel:
+                           name: str | None = None,
+                           keep_fp32: Sequence[str] | None = None) -> ManagedModel:
     """Put ``model`` under VRAM management and return its record.
 
     ``vram_config`` is DiffSynth's 8-key dict (plus optional extras) or a ``VramConfig``.
     ``vram_limit`` (GiB) caps this process's peak memory on the computation device; it
     overrides the config's. ``weights`` (.safetensors file, list, or folder) is required when
     a state is "disk" or when the model was built with ``empty_weights()``; its keys must
-    match ``model.state_dict()``. The model starts in the offload state; call
+    match ``model.state_dict()``. ``keep_fp32`` names modules (by name component) whose
+    weights stay float32 under a low-precision computation dtype; by default the model's
+    ``_keep_in_fp32_modules`` (diffusers' rule; transformers applies that list to float16
+    only, so its loaders pass their own). The model starts in the offload state; call
     ``vram.onload(model)`` before the phase that uses it.
     """
     if not isinstance(model, torch.nn.Module):
@@ -520,14 +527,15 @@ def enable_vram_management(model: torch.nn.Module, vram_config: VramConfig | Map
     managed = ManagedModel(model, config, source, name or type(model).__name__)
     managed.name = manager.register(managed)
     try:
-        _bind(managed, model, config, source)
+        _bind(managed, model, config, source, keep_fp32)
     except BaseException:
         manager.unregister(managed)
         raise
     return managed
 
 
-def _bind(managed: ManagedModel, model: torch.nn.Module, config: VramConfig, source: WeightSource | None) -> None:
+def _bind(managed: ManagedModel, model: torch.nn.Module, config: VramConfig, source: WeightSource | None,
+          keep_fp32: Sequence[str] | None) -> None:
     # Every name each parameter goes by (tied parameters have several).
     names: dict[int, list[str]] = {}
     for key, param in model.named_parameters(remove_duplicate=False):
@@ -562,7 +570,7 @@ def _bind(managed: ManagedModel, model: torch.nn.Module, config: VramConfig, sou
             if not param.dtype.is_floating_point:
                 problems.append(f"parameter {keys[0]!r} has non-float dtype {param.dtype}; not supported")
                 continue
-            slot_config = _slot_config(model, module, config, module_name, keys[0])
+            slot_config = _slot_config(model, module, config, module_name, keys[0], keep_fp32)
             slots_by_param[id(param)] = Slot(managed, module_name, keys, param.shape, slot_config, info)
     if problems:
         where = f" in {source.describe()}" if source is not None else ""
@@ -692,6 +700,30 @@ def onload(model: torch.nn.Module) -> None:
 def offload(model: torch.nn.Module) -> None:
     """The model will not be used for a while: drop staged copies, weights to offload."""
     managed(model).set_state(ModelState.OFFLOAD)
+
+
+def release(model: torch.nn.Module) -> None:
+    """Forget ``model``: free every copy the core holds for it (RAM, device, cache), close
+    its weight files and unregister it. The model keeps its placeholders and cannot run
+    again; use this when discarding a model, ``disable_vram_management`` to keep it."""
+    record = managed(model)
+    manager = get_manager()
+    with manager.lock:
+        if any(slot.users for slot in record.slots):
+            raise RuntimeError(f"{record.name}: cannot release during a forward")
+        for slot in record.slots:
+            slot.clear()
+            slot._drop_base()
+    for handle in record._handles:
+        handle.remove()
+    for layer in record.layers:
+        layer.remove_hooks()
+    record.clear_cache()
+    record.drop_scratch()
+    manager.unregister(record)
+    if record.source is not None:
+        record.source.close()
+    object.__delattr__(model, _MANAGED_ATTR)
 
 
 def disable_vram_management(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,0 +1,287 @@
+"""Build a pipeline's components on the meta device and bind them to their files via the core.
+
+A diffusers folder (``model_index.json`` plus one subfolder per component) is read the way
+``DiffusionPipeline.from_pretrained`` reads it, with one difference: no weight is loaded
+here. Each model is built inside ``vram.empty_weights()`` under the computation dtype (as
+``from_pretrained(torch_dtype=...)`` builds it, so buffers made in ``__init__`` get the same
+dtypes), then ``vram.enable_vram_management`` binds its parameters to the .safetensors
+files straight into the tier the component's config names. Tokenizers and schedulers are
+small files and load as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+import vram
+
+from .registry import PHASES, Component, Family, family_for_pipeline, get_family
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_dtype_lock = threading.Lock()
+
+
+class ModelFilesError(ValueError):
+    """A model folder lacks a file, or holds one that cannot be used."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder
+# ---------------------------------------------------------------------------------------------
+
+def read_model_index(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / "model_index.json"
+    if not path.is_file():
+        raise ModelFilesError(f"{folder} is not a diffusers model folder: model_index.json is missing")
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelFilesError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(index, dict) or "_class_name" not in index:
+        raise ModelFilesError(f"{path}: no _class_name; not a diffusers pipeline index")
+    return index
+
+
+def weight_files(component_dir: Path, variant: str | None = None) -> list[Path]:
+    """The .safetensors files that hold one component: the shards its index names, or its
+    single file. ``variant`` ("fp16") picks ``model.fp16.safetensors``-style files. Pickle
+    formats are refused, since loading them can run code."""
+    component_dir = Path(component_dir)
+    if not component_dir.is_dir():
+        raise ModelFilesError(f"{component_dir}: folder missing")
+    tag = f".{variant}" if variant else ""
+    indexes = [p for p in component_dir.glob(f"*.safetensors.index{tag}.json")]
+    if indexes:
+        index = sorted(indexes)[0]
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ModelFilesError(f"{index}: not a valid safetensors index ({error})") from None
+        missing = [name for name in shards if not (component_dir / name).is_file()]
+        if missing:
+            raise ModelFilesError(f"{index.name} in {component_dir} names shard(s) that are missing: "
+                                  f"{', '.join(missing)}")
+        return [component_dir / name for name in shards]
+    singles = sorted(p for p in component_dir.glob(f"*{tag}.safetensors")
+                     if variant or p.name.count(".") == 1)
+    if len(singles) == 1:
+        return singles
+    if len(singles) > 1:
+        raise ModelFilesError(f"{component_dir}: several weight files and no index: "
+                              f"{', '.join(p.name for p in singles)}")
+    pickles = sorted(p.name for p in component_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelFilesError(f"{component_dir}: only pickle weights ({', '.join(pickles)}); they are refused "
+                              f"because loading them can run arbitrary code. Convert them to .safetensors.")
+    wanted = f"*{tag}.safetensors" + (f" (variant {variant!r})" if variant else "")
+    raise ModelFilesError(f"{component_dir}: no {wanted} weights")
+
+
+def check_folder(folder: Path, family: Family) -> None:
+    """Every file ``family`` needs is in ``folder`` and every weight file's header is sound
+    (a truncated download shows up here, by file name). Reads headers only."""
+    folder = Path(folder)
+    index = read_model_index(folder)
+    problems = []
+    for name in family.weighted:
+        entry = index.get(name)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
+            problems.append(f"model_index.json has no component {name!r}")
+            continue
+        sub = folder / name
+        if not (sub / "config.json").is_file():
+            problems.append(f"{name}/config.json")
+            continue
+        try:
+            for path in weight_files(sub, family.variant):
+                vram.SafetensorsFile(path).close()
+        except (ModelFilesError, ValueError, FileNotFoundError) as error:
+            problems.append(str(error))
+    for name in family.tokenizers + ("scheduler",):
+        if index.get(name, [None, None])[1] and not (folder / name).is_dir():
+            problems.append(f"{name}/ folder")
+    if problems:
+        raise ModelFilesError(f"{family.key} in {folder} is incomplete or damaged: " + "; ".join(problems))
+
+
+def family_of_folder(folder: Path) -> Family:
+    """The registered family a local folder belongs to, by its pipeline class (FLUX dev and
+    schnell share one class: the transformer's guidance input tells them apart)."""
+    index = read_model_index(folder)
+    class_name = index["_class_name"]
+    if class_name == "FluxPipeline":
+        config = _read_json(Path(folder) / "transformer" / "config.json")
+        return get_family("flux.1-dev" if config.get("guidance_embeds", True) else "flux.1-schnell")
+    family = family_for_pipeline(class_name)
+    if family is None:
+        raise ModelFilesError(f"{folder}: pipeline {class_name} is not one this project drives")
+    return family
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelFilesError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelFilesError(f"{path}: not valid JSON ({error})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Building components
+# ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Build under ``dtype`` as ``from_pretrained(torch_dtype=dtype)`` does (process-wide)."""
+    with _dtype_lock:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(previous)
+
+
+def _resolve_class(library: str, class_name: str, where: str):
+    allowed = ("diffusers", "transformers")
+    if library not in allowed:
+        raise ModelFilesError(f"{where}: library {library!r} is not supported (only {', '.join(allowed)})")
+    cls = getattr(importlib.import_module(library), class_name, None)
+    if cls is None:
+        raise ModelFilesError(f"{where}: {library} has no class {class_name!r} (diffusers/transformers too old?)")
+    return cls
+
+
+def _is_model(cls) -> bool:
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+    return issubclass(cls, (ModelMixin, PreTrainedModel))
+
+
+@dataclass
+class LoadedComponent:
+    name: str
+    phase: str
+    module: torch.nn.Module
+    config: vram.VramConfig
+    files: list[Path]
+
+
+def build_model(cls, component_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """``cls`` from its config, parameters on the meta device, buffers real, built under
+    ``dtype`` exactly as the library's from_pretrained builds it."""
+    from diffusers import ModelMixin
+    if issubclass(cls, ModelMixin):
+        config = cls.load_config(component_dir)
+        with vram.empty_weights(), _default_dtype(dtype):
+            model = cls.from_config(config)
+    else:
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(component_dir)
+        with vram.empty_weights():
+            model = cls._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def keep_fp32_for(model: torch.nn.Module, dtype: torch.dtype) -> list[str] | None:
+    """Modules the library keeps in float32 at ``dtype``: transformers applies
+    ``_keep_in_fp32_modules`` to float16 only and ``_keep_in_fp32_modules_strict`` to both half
+    types; diffusers applies ``_keep_in_fp32_modules`` always (the core's default: None)."""
+    from transformers import PreTrainedModel
+    if not isinstance(model, PreTrainedModel):
+        return None
+    keep = set()
+    if dtype == torch.float16:
+        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if dtype in (torch.float16, torch.bfloat16):
+        keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    return sorted(keep)
+
+
+def checkpoint_key_renamer(model: torch.nn.Module):
+    """A function from checkpoint keys to this model's keys, or None. transformers renames
+    modules between versions (Qwen2.5-VL's ``model.layers`` became ``model.language_model.layers``)
+    and loads old checkpoints through renaming rules; the same rules apply here."""
+    from transformers import PreTrainedModel
+    if not isinstance(model, PreTrainedModel):
+        return None
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # older transformers: no renaming rules
+        return None
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    expected = dict.fromkeys(model.state_dict(keep_vars=True))
+    prefix = getattr(model, "base_model_prefix", None) or None
+
+    def rename(key: str) -> str:
+        return rename_source_key(key, renamings, [], prefix, expected)[0]
+    return rename
+
+
+def load_component(folder: Path, name: str, phase: str, entry: list, config: vram.VramConfig,
+                   variant: str | None = None, label: str | None = None) -> LoadedComponent:
+    """Build component ``name`` on the meta device and put it under the core with ``config``."""
+    component_dir = Path(folder) / name
+    cls = _resolve_class(entry[0], entry[1], f"{component_dir}")
+    if not _is_model(cls):
+        raise ModelFilesError(f"{component_dir}: {entry[1]} is not a model class")
+    files = weight_files(component_dir, variant)
+    model = build_model(cls, component_dir, config.computation.dtype)
+    source = vram.WeightSource(files)
+    rename = checkpoint_key_renamer(model)
+    if rename is not None:
+        source.rename_keys(rename)
+    try:
+        vram.enable_vram_management(model, config, weights=source, name=label or name,
+                                    keep_fp32=keep_fp32_for(model, config.computation.dtype))
+    except ValueError as error:
+        source.close()
+        raise ModelFilesError(f"{component_dir}: {error}") from None
+    return LoadedComponent(name, phase, model, config, files)
+
+
+def load_plain_component(folder: Path, name: str, entry: list):
+    """A tokenizer, scheduler or processor: loaded by its own class from its subfolder."""
+    component_dir = Path(folder) / name
+    cls = _resolve_class(entry[0], entry[1], f"{component_dir}")
+    if _is_model(cls):
+        raise ModelFilesError(f"{component_dir}: {entry[1]} is a model, but the family does not list it")
+    try:
+        return cls.from_pretrained(component_dir)
+    except (OSError, ValueError) as error:
+        raise ModelFilesError(f"{component_dir}: cannot load {entry[1]}: {error}") from None
+
+
+def config_for(configs: Mapping[str, Any], component: Component) -> vram.VramConfig:
+    """The config for one component: by its name ("text_encoder_2"), then its role
+    ("text_encoders", "denoiser", "vae"), then its phase, then "default"."""
+    role = {"text_encoding": "text_encoders", "denoising": "denoiser", "vae_decoding": "vae"}[component.phase]
+    for key in (component.name, role, component.phase, "default"):
+        if key in configs:
+            try:
+                return vram.VramConfig.coerce(configs[key])
+            except ValueError as error:
+                raise ValueError(f"config for {component.name} ({key!r}): {error}") from None
+    raise ValueError(f"no config for component {component.name!r}: give one under {component.name!r}, "
+                     f"{role!r} or 'default'")
+
+
+def check_config_keys(configs: Mapping[str, Any], family: Family) -> None:
+    known = set(family.weighted) | {"text_encoders", "denoiser", "vae", "default"} | set(PHASES)
+    unknown = sorted(set(configs) - known)
+    if unknown:
+        raise ValueError(f"configs: unknown key(s) {unknown} for {family.key}; use component names "
+                         f"({', '.join(family.weighted)}), roles (text_encoders, denoiser, vae) or 'default'")
