@@ -55,37 +55,37 @@ def read_model_index(folder: Path) -> dict[str, Any]:
 
 def weight_files(component_dir: Path, variant: str | None = None) -> list[Path]:
     """The .safetensors files that hold one component: the shards its index names, or its
-    single file. ``variant`` ("fp16") picks ``model.fp16.safetensors``-style files. Pickle
-    formats are refused, since loading them can run code."""
+    single file. ``variant`` ("fp16") prefers ``model.fp16.safetensors``-style files and falls
+    back to the plain ones. Pickle formats are refused, since loading them can run code."""
     component_dir = Path(component_dir)
     if not component_dir.is_dir():
         raise ModelFilesError(f"{component_dir}: folder missing")
-    tag = f".{variant}" if variant else ""
-    indexes = [p for p in component_dir.glob(f"*.safetensors.index{tag}.json")]
-    if indexes:
-        index = sorted(indexes)[0]
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ModelFilesError(f"{index}: not a valid safetensors index ({error})") from None
-        missing = [name for name in shards if not (component_dir / name).is_file()]
-        if missing:
-            raise ModelFilesError(f"{index.name} in {component_dir} names shard(s) that are missing: "
-                                  f"{', '.join(missing)}")
-        return [component_dir / name for name in shards]
-    singles = sorted(p for p in component_dir.glob(f"*{tag}.safetensors")
-                     if variant or p.name.count(".") == 1)
-    if len(singles) == 1:
-        return singles
-    if len(singles) > 1:
-        raise ModelFilesError(f"{component_dir}: several weight files and no index: "
-                              f"{', '.join(p.name for p in singles)}")
+    for tag in ([f".{variant}"] if variant else []) + [""]:
+        indexes = sorted(component_dir.glob(f"*.safetensors.index{tag}.json"))
+        if indexes:
+            return _shards(indexes[0])
+        singles = sorted(p for p in component_dir.glob(f"*{tag}.safetensors") if tag or p.name.count(".") == 1)
+        if len(singles) == 1:
+            return singles
+        if len(singles) > 1:
+            raise ModelFilesError(f"{component_dir}: several weight files and no index: "
+                                  f"{', '.join(p.name for p in singles)}")
     pickles = sorted(p.name for p in component_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise ModelFilesError(f"{component_dir}: only pickle weights ({', '.join(pickles)}); they are refused "
                               f"because loading them can run arbitrary code. Convert them to .safetensors.")
-    wanted = f"*{tag}.safetensors" + (f" (variant {variant!r})" if variant else "")
-    raise ModelFilesError(f"{component_dir}: no {wanted} weights")
+    raise ModelFilesError(f"{component_dir}: no .safetensors weights")
+
+
+def _shards(index: Path) -> list[Path]:
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelFilesError(f"{index}: not a valid safetensors index ({error})") from None
+    missing = [name for name in shards if not (index.parent / name).is_file()]
+    if missing:
+        raise ModelFilesError(f"{index.name} in {index.parent} names shard(s) that are missing: {', '.join(missing)}")
+    return [index.parent / name for name in shards]
 
 
 def check_folder(folder: Path, family: Family) -> None:

@@ -150,7 +150,7 @@ class ManagedModel:
                     self._cache.move_to_end(key)
                     return cached
         pin = stream and self.mover.is_cuda and self.config.pin_memory
-        tensor = self.source.read(key, pin_memory=pin, out=scratch)
+        tensor = self.source.read_info(slot.info, pin_memory=pin, out=scratch)
         manager = get_manager()
         with manager.lock:
             manager.counters.bytes_read_from_disk += slot.info.nbytes

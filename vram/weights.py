@@ -154,7 +154,10 @@ class WeightSource:
         return self.tensors[key]
 
     def read(self, key: str, *, pin_memory: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-        info = self.tensors[key]
+        """The tensor the model calls ``key`` (see ``SafetensorsFile.read``)."""
+        return self.read_info(self.tensors[key], pin_memory=pin_memory, out=out)
+
+    def read_info(self, info: TensorInfo, *, pin_memory: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         tensor = info.file.read(info.key, pin_memory=pin_memory, out=out)
         with self._lock:
             self.bytes_read += info.nbytes

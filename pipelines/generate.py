@@ -1,0 +1,90 @@
+"""Command line: generate one job and print where it went and what it cost.
+
+    python -m pipelines.generate --model z-image-turbo --preset disk --vram-limit 6 \\
+        --prompt "a lighthouse at dawn" --out outputs/
+
+Like app.py this is an entry point at the top of the stack, so it may use presets/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from .pipeline import Cancelled, Event, load_pipeline
+from .registry import FAMILIES
+from .request import GenerationRequest
+from .sources import SOURCES, DownloadError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.generate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help=f"one of {', '.join(FAMILIES)}, or a local diffusers folder")
+    parser.add_argument("--preset", default="dynamic", help="a preset name (see presets/builtin/)")
+    parser.add_argument("--vram-limit", type=float, help="GiB of VRAM the run may use (dynamic and disk presets)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--out", default="outputs", help="a folder, or a file name ending in .png/.mp4")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--guidance", type=float)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--frames", type=int, help="video models: 4k+1 frames")
+    parser.add_argument("--fps", type=int, help="video models")
+    parser.add_argument("--vae-tiling", action="store_true")
+    parser.add_argument("--vae-slicing", action="store_true")
+    parser.add_argument("--source", default="modelscope", choices=SOURCES)
+    parser.add_argument("--models-dir", help="where downloads go (default: $LOWVRAM_MODELS_DIR or ./models)")
+    parser.add_argument("--device", help="computation device (default: cuda if present, else cpu)")
+    parser.add_argument("--dtype", help="computation dtype (default: bfloat16 on CUDA, float32 on the CPU)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def _print_event(event: Event) -> None:
+    if event.kind == "phase_start":
+        print(f"[{event.time:7.2f} s] {event.phase} ({event.component})", file=sys.stderr)
+    elif event.kind == "step":
+        print(f"[{event.time:7.2f} s]   step {event.step}/{event.total}", file=sys.stderr)
+
+
+def _progress(name: str, done: int, total: int) -> None:
+    if total and done >= total:
+        print(f"downloaded {name} ({total / 2**20:.1f} MiB)", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from presets import preset_configs
+    request = GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
+        steps=args.steps, guidance=args.guidance, seed=args.seed, batch=args.batch, frames=args.frames,
+        fps=args.fps, vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing)
+    try:
+        configs = preset_configs(args.preset, vram_limit=args.vram_limit, device=args.device, dtype=args.dtype)
+        started = time.perf_counter()
+        with load_pipeline(args.model, configs, source=args.source, models_dir=args.models_dir,
+                           progress=_progress) as pipe:
+            print(f"loaded {pipe.family.title} from {pipe.folder} with preset {args.preset} "
+                  f"in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+            result = pipe.generate(request, on_event=_print_event)
+            paths = result.save(args.out)
+    except Cancelled:
+        print("cancelled", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, DownloadError) as error:  # bad input, missing files, network
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"saved {path}")
+    print(result.summary.describe())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
