@@ -66,13 +66,13 @@ def test_disk_reads_run_on_the_reader_thread(tmp_path, monkeypatch):
                                 weights=path)
     source = vram.managed(model).source
     threads = []
-    original = source.read
+    original = source.read_info
 
-    def spy(key, **kwargs):
+    def spy(info, **kwargs):
         threads.append(threading.current_thread().name)
-        return original(key, **kwargs)
+        return original(info, **kwargs)
 
-    monkeypatch.setattr(source, "read", spy)
+    monkeypatch.setattr(source, "read_info", spy)
     x = torch.randn(2, 256)
     with torch.no_grad():
         for _ in range(3):

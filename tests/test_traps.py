@@ -108,3 +108,21 @@ def test_stats_report_layer_states_and_counters(tmp_path):
     report = vram.last_report()
     assert report.model == "zoo-stats" and report.cap_bytes is None and report.seconds > 0
     vram.disable_vram_management(model)
+
+
+def test_onload_and_offload_keep_float32_layers_exact(tmp_path):
+    # Regression: switching model states once moved every layer to the model's placement,
+    # so Wan's float32 time_embedder went through bf16 on the first offload.
+    wan = CASES["wan"].make()
+    files = save_weights(wan, tmp_path)
+    bf16 = {"offload_device": "cpu", "offload_dtype": torch.bfloat16, "onload_device": "cpu",
+            "onload_dtype": torch.bfloat16, "computation_device": "cpu", "computation_dtype": torch.bfloat16}
+    with vram.empty_weights():
+        managed = CASES["wan"].make()
+    vram.enable_vram_management(managed, bf16, weights=files)
+    key = "condition_embedder.time_embedder.linear_1.weight"
+    for switch in (vram.onload, vram.offload, vram.onload):
+        switch(managed)
+        stored = managed.state_dict()[key]
+        assert stored.dtype == torch.float32 and torch.equal(stored, wan.state_dict()[key])
+    vram.release(managed)

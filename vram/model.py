@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .config import FP8_DTYPES, GIB, VramConfig
+from .config import FP8_DTYPES, GIB, Placement, VramConfig
 from .layers import ManagedLayer, Slot, VramLimitError, tier_key
 from .manager import RunReport, get_manager
 from .meta import has_meta_parameters
@@ -387,21 +387,24 @@ class ManagedModel:
     # -- model-level states -----------------------------------------------------------------------
     def set_state(self, state: ModelState) -> None:
         manager = get_manager()
-        target = self.config.onload if state is ModelState.ONLOAD else self.config.offload
         with manager.lock:
             if any(slot.users for slot in self.slots):
                 raise RuntimeError(f"{self.name}: cannot switch to {state.value} during a forward")
             for slot in self.slots:
                 slot.clear()
 
-        def fits(slot: Slot, nbytes: int) -> bool:
-            if tier_key(target.device) != self.budget_key or self.cap_bytes is None:
-                return True
-            with manager.lock:
-                return manager.make_room(self.budget_key, nbytes, self, headroom=self.window_bytes)
+        def fits_on(target: Placement):
+            def fits(slot: Slot, nbytes: int) -> bool:
+                if tier_key(target.device) != self.budget_key or self.cap_bytes is None:
+                    return True
+                with manager.lock:
+                    return manager.make_room(self.budget_key, nbytes, self, headroom=self.window_bytes)
+            return fits
 
         for slot in self.slots:
-            slot.set_base(target, fits=fits)
+            # Each slot's own placements: layers kept in float32 or out of fp8 keep that dtype.
+            target = slot.config.onload if state is ModelState.ONLOAD else slot.config.offload
+            slot.set_base(target, fits=fits_on(target))
         self.drop_scratch()
         self.state = state
         for layer in self.layers:
