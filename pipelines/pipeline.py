@@ -198,14 +198,17 @@ class ManagedPipeline:
         """Component ``name`` is about to run: switch phases if it starts a new one."""
         component = self.components[name]
         run = self._run
+        new_phase = run is not None and run.phase != component.phase
         if run is not None:
             run.check_cancel()
-            if run.phase != component.phase:
-                run.start_phase(component.phase, name)
+            if new_phase:
+                run.end_phase()
         for other in list(self._onloaded):
             if self.components[other].phase != component.phase:
                 vram.offload(self.components[other].module)
                 self._onloaded.discard(other)
+        if new_phase:
+            run.start_phase(component.phase, name)  # its time includes onloading its models
         if name not in self._onloaded:
             vram.onload(component.module)
             self._onloaded.add(name)
@@ -433,16 +436,15 @@ def load_pipeline(model: str | Path, configs: Any, *, source: str = "modelscope"
                                             label=f"{fam.key}/{component.name}")
             components[component.name] = loaded
             parts[component.name] = loaded.module
+        modules, options = pipeline_class._get_signature_keys(pipeline_class)
         for name, entry in index.items():
-            if name.startswith("_") or name in parts:
+            if name.startswith("_") or name in parts or name not in set(modules) | set(options):
                 continue
-            if isinstance(entry, list) and len(entry) == 2 and entry[0] and entry[1]:
-                parts[name] = loading.load_plain_component(folder, name, entry)
-            else:
-                parts[name] = None
-        expected = set(pipeline_class._get_signature_keys(pipeline_class)[0]) if hasattr(
-            pipeline_class, "_get_signature_keys") else set(parts)
-        pipe = pipeline_class(**{k: v for k, v in parts.items() if k in expected})
+            if isinstance(entry, list):  # a component: [library, class], or [null, null] for none
+                parts[name] = loading.load_plain_component(folder, name, entry) if all(entry) else None
+            else:                        # a pipeline option saved in the index (e.g. boundary_ratio)
+                parts[name] = entry
+        pipe = pipeline_class(**parts)
     except BaseException:
         for loaded in components.values():
             vram.release(loaded.module)

@@ -36,6 +36,21 @@ def release_managed_models():
     import vram
     for record in vram.get_manager().models():
         try:
-            vram.disable_vram_management(record.module)
+            vram.release(record.module)
         except Exception:
             vram.get_manager().unregister(record)
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """``tiny_family(name)``: the folder of a tiny pipeline of that family (see families.py),
+    built once per session. Tests that might write must copy it first."""
+    import families
+    root = tmp_path_factory.mktemp("families")
+    built = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = families.build_family(name, root / name)
+        return built[name]
+    return get
