@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 
 from .pipeline import Cancelled, Event, load_pipeline
-from .registry import FAMILIES
+from .loading import family_of_folder
+from .registry import FAMILIES, get_family
 from .request import GenerationRequest
 from .sources import SOURCES, DownloadError
 
@@ -57,6 +60,12 @@ def _progress(name: str, done: int, total: int) -> None:
         print(f"downloaded {name} ({total / 2**20:.1f} MiB)", file=sys.stderr)
 
 
+def _family_of(model: str):
+    if "/" in model or os.sep in model:
+        return family_of_folder(Path(model)) if Path(model).is_dir() else get_family(model)
+    return get_family(model)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
@@ -66,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps, guidance=args.guidance, seed=args.seed, batch=args.batch, frames=args.frames,
         fps=args.fps, vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing)
     try:
+        request.resolved(_family_of(args.model), None)  # bad settings fail before any loading
         configs = preset_configs(args.preset, vram_limit=args.vram_limit, device=args.device, dtype=args.dtype)
         started = time.perf_counter()
         with load_pipeline(args.model, configs, source=args.source, models_dir=args.models_dir,

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 # Pipelines whose latents are packed 2x2 before the transformer: sizes must be multiples of
 # twice the VAE's downscale factor.
 _PACKED_LATENTS = {"QwenImagePipeline", "ZImagePipeline", "FluxPipeline"}
+# Multiples a pipeline's own input check insists on, whatever its VAE.
+_PIPELINE_MULTIPLE = {"StableDiffusionXLPipeline": 8}
 _CONFIG_KEYS = {f"{state}_{what}" for state in ("offload", "onload", "preparing", "computation")
                 for what in ("device", "dtype")}
 
@@ -386,14 +388,16 @@ class ManagedPipeline:
 
 
 def _size_multiple(pipe) -> int:
-    spatial = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", 8)
-    if type(pipe).__name__ in _PACKED_LATENTS:
-        return int(spatial) * 2
-    denoiser = getattr(pipe, "transformer", None)
-    patch = getattr(getattr(denoiser, "config", None), "patch_size", None)
-    if isinstance(patch, (tuple, list)):
-        patch = patch[-1]
-    return int(spatial) * int(patch or 1)
+    """What width and height must be multiples of: the VAE's downscale times the latent
+    patch (packed 2x2 latents count as a patch of 2), at least what the pipeline checks."""
+    name = type(pipe).__name__
+    spatial = int(getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", 8))
+    if name in _PACKED_LATENTS:
+        multiple = spatial * 2
+    else:
+        patch = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "patch_size", None)
+        multiple = spatial * int((patch[-1] if isinstance(patch, (tuple, list)) else patch) or 1)
+    return max(multiple, _PIPELINE_MULTIPLE.get(name, 1))
 
 
 def _split_configs(configs, family: Family) -> dict[str, Any]:

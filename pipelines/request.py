@@ -36,9 +36,10 @@ class GenerationRequest:
     vae_tiling: bool = False
     vae_slicing: bool = False
 
-    def resolved(self, family: Family, size_multiple: int) -> "GenerationRequest":
+    def resolved(self, family: Family, size_multiple: int | None = None) -> "GenerationRequest":
         """This request with defaults filled in and every field checked; RequestError names
-        the first field that cannot work."""
+        the first field that cannot work. ``size_multiple``: what width and height must be
+        multiples of (a loaded pipeline knows; else the family's published value)."""
         d = family.defaults
         video = family.kind == "video"
         request = replace(
@@ -51,7 +52,7 @@ class GenerationRequest:
             frames=(self.frames if self.frames is not None else d.get("frames", 81)) if video else self.frames,
             fps=(self.fps if self.fps is not None else family.fps) if video else self.fps,
         )
-        request._check(family, size_multiple)
+        request._check(family, size_multiple or family.size_multiple)
         return request
 
     def _check(self, family: Family, multiple: int) -> None:
