@@ -61,7 +61,12 @@ def resolve_model(model: str | os.PathLike, *, source: str = "modelscope", model
     except ModelFilesError:
         pass
     download(family, folder, source=source, progress=progress)
-    check_folder(folder, family)
+    try:
+        check_folder(folder, family)
+    except ModelFilesError as error:
+        repo = family.modelscope_id if source == "modelscope" else family.huggingface_id
+        raise DownloadError(f"{repo} from {source}: the download ended but files are missing or damaged "
+                            f"({error}); run again to fetch them") from None
     return folder, family
 
 
