@@ -462,10 +462,18 @@ def _skip_casting(model: torch.nn.Module, module: torch.nn.Module, module_name: 
     """
     if keep_fp32 is None:
         keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()
+    return casting_rule(module_name, param_key, type(module).__name__, keep_fp32,
+                        getattr(model, "_skip_layerwise_casting_patterns", None) or ())
+
+
+def casting_rule(module_name: str, param_key: str, module_type: str, keep_fp32: Sequence[str],
+                 skip_patterns: Sequence[str]):
+    """The rule of ``_skip_casting`` on names alone (planners use it on checkpoint keys):
+    torch.float32, "computation" (stays in the computation dtype) or None (the config's)."""
     if any(name in param_key.split(".") for name in keep_fp32):
         return torch.float32
-    patterns = DEFAULT_SKIP_PATTERNS + tuple(getattr(model, "_skip_layerwise_casting_patterns", None) or ())
-    if "Norm" in type(module).__name__ or any(re.search(p, module_name) for p in patterns):
+    patterns = DEFAULT_SKIP_PATTERNS + tuple(skip_patterns)
+    if "Norm" in module_type or any(re.search(p, module_name) for p in patterns):
         return "computation"
     return None
 

@@ -1,0 +1,146 @@
+"""What this machine has: NVIDIA GPUs (NVML and torch's view), RAM, and disk where models live.
+
+Every reading degrades instead of failing: no NVIDIA driver, no ``pynvml`` module, or NVML
+raising gives ``gpus == []`` and a ``gpu_status`` that says why, never an exception.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class GPU:
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int                       # NVML: free on the device, all processes counted
+    process_bytes: int | None = None      # this process's use, when NVML reports it
+    torch_free_bytes: int | None = None   # torch.cuda.mem_get_info, when CUDA torch is installed
+    torch_reserved_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpus: tuple[GPU, ...]
+    gpu_status: str                       # "ok", or why there is no GPU reading
+    ram_total_bytes: int
+    ram_available_bytes: int
+    disk_free_bytes: int | None
+    disk_path: str | None
+    disk_read_bytes_per_s: float | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def has_gpu(self) -> bool:
+        return bool(self.gpus)
+
+    def describe(self) -> str:
+        lines = []
+        if self.gpus:
+            for gpu in self.gpus:
+                mine = "" if gpu.process_bytes is None else f", this process {gpu.process_bytes / GIB:.1f} GiB"
+                lines.append(f"GPU {gpu.index}: {gpu.name}, {gpu.free_bytes / GIB:.1f} GiB free of "
+                             f"{gpu.total_bytes / GIB:.1f} GiB{mine}")
+        else:
+            lines.append(f"no NVIDIA GPU ({self.gpu_status})")
+        lines.append(f"RAM: {self.ram_available_bytes / GIB:.1f} GiB available of {self.ram_total_bytes / GIB:.1f} GiB")
+        if self.disk_free_bytes is not None:
+            speed = "" if self.disk_read_bytes_per_s is None else \
+                f", reads at {self.disk_read_bytes_per_s / 2**20:.0f} MiB/s"
+            lines.append(f"disk: {self.disk_free_bytes / GIB:.1f} GiB free at {self.disk_path}{speed}")
+        return "\n".join(lines)
+
+
+def probe(models_dir: str | os.PathLike | None = None, *, nvml=None, measure_read_speed_of: str | None = None) -> Hardware:
+    """Read the machine. ``nvml`` replaces the ``pynvml`` module (tests pass a fake);
+    ``measure_read_speed_of`` names a file to time a read of (at most 256 MiB)."""
+    gpus, status = _gpus(nvml)
+    memory = psutil.virtual_memory()
+    disk_path = _existing_parent(Path(models_dir)) if models_dir is not None else Path.cwd()
+    try:
+        disk_free = shutil.disk_usage(disk_path).free
+    except OSError:
+        disk_free = None
+    speed = _read_speed(Path(measure_read_speed_of)) if measure_read_speed_of else None
+    return Hardware(gpus=tuple(gpus), gpu_status=status, ram_total_bytes=memory.total,
+                    ram_available_bytes=memory.available, disk_free_bytes=disk_free, disk_path=str(disk_path),
+                    disk_read_bytes_per_s=speed)
+
+
+def _gpus(nvml) -> tuple[list[GPU], str]:
+    if nvml is None:
+        try:
+            import pynvml as nvml
+        except ImportError:
+            return [], "the nvidia-ml-py package is not installed"
+    try:
+        nvml.nvmlInit()
+    except Exception as error:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        return [], f"NVML unavailable: {type(error).__name__}: {error}"
+    try:
+        count = nvml.nvmlDeviceGetCount()
+        gpus = [_gpu(nvml, index) for index in range(count)]
+    except Exception as error:
+        return [], f"NVML failed: {type(error).__name__}: {error}"
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception:
+            pass
+    return gpus, "ok" if gpus else "NVML found no devices"
+
+
+def _gpu(nvml, index: int) -> GPU:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    name = nvml.nvmlDeviceGetName(handle)
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+    process_bytes = None
+    try:
+        for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if process.pid == os.getpid():
+                process_bytes = int(process.usedGpuMemory or 0)
+    except Exception:  # not supported on every driver / in containers
+        pass
+    torch_free = torch_reserved = None
+    try:
+        import torch
+        if torch.cuda.is_available() and index < torch.cuda.device_count():
+            torch_free, _ = torch.cuda.mem_get_info(index)
+            torch_reserved = torch.cuda.memory_reserved(index)
+    except Exception:
+        pass
+    return GPU(index, name, int(memory.total), int(memory.free), process_bytes, torch_free, torch_reserved)
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _read_speed(path: Path, limit: int = 256 * 2**20) -> float | None:
+    """Bytes per second reading ``path`` (page cache included: a lower bound on cold reads'
+    cost, an upper bound on their speed)."""
+    try:
+        with open(path, "rb", buffering=0) as handle:
+            started, done = time.perf_counter(), 0
+            while done < limit:
+                chunk = handle.read(16 * 2**20)
+                if not chunk:
+                    break
+                done += len(chunk)
+        seconds = time.perf_counter() - started
+        return done / seconds if done and seconds > 0 else None
+    except OSError:
+        return None
