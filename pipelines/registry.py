@@ -26,6 +26,7 @@ class Component:
     name: str              # subfolder and pipeline attribute: "transformer", "text_encoder_2", ...
     phase: str             # one of PHASES
     parameters: int = 0    # approximate parameter count of the published weights
+    width: int = 0         # hidden size (activations scale with it); 0 for the VAE
 
 
 @dataclass(frozen=True)
@@ -81,27 +82,27 @@ class Family:
         return tuple(name.replace("text_encoder", "tokenizer") for name in self.components_in("text_encoding"))
 
 
-def _text(name: str, parameters: int) -> Component:
-    return Component(name, "text_encoding", parameters)
+def _text(name: str, parameters: int, width: int) -> Component:
+    return Component(name, "text_encoding", parameters, width)
 
 
-def _denoiser(name: str, parameters: int) -> Component:
-    return Component(name, "denoising", parameters)
+def _denoiser(name: str, parameters: int, width: int) -> Component:
+    return Component(name, "denoising", parameters, width)
 
 
 def _vae(parameters: int) -> Component:
     return Component("vae", "vae_decoding", parameters)
 
 
-_FLUX_COMPONENTS = (_text("text_encoder", 123_000_000), _text("text_encoder_2", 4_762_000_000),
-                    _denoiser("transformer", 11_901_000_000), _vae(83_800_000))
-_WAN_TEXT = (_text("text_encoder", 5_681_000_000),)
+_FLUX_COMPONENTS = (_text("text_encoder", 123_000_000, 768), _text("text_encoder_2", 4_762_000_000, 4096),
+                    _denoiser("transformer", 11_901_000_000, 3072), _vae(83_800_000))
+_WAN_TEXT = (_text("text_encoder", 5_681_000_000, 4096),)
 
 FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family(
         key="qwen-image", title="Qwen-Image (20B)", pipeline_class="QwenImagePipeline",
         modelscope_id="Qwen/Qwen-Image", huggingface_id="Qwen/Qwen-Image",
-        components=(_text("text_encoder", 8_292_000_000), _denoiser("transformer", 20_430_000_000),
+        components=(_text("text_encoder", 8_292_000_000, 3584), _denoiser("transformer", 20_430_000_000, 3072),
                     _vae(126_900_000)),
         defaults={"steps": 50, "guidance": 4.0, "width": 1328, "height": 1328},
         guidance_argument="true_cfg_scale",
@@ -110,7 +111,7 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family(
         key="z-image-turbo", title="Z-Image-Turbo (6B)", pipeline_class="ZImagePipeline",
         modelscope_id="Tongyi-MAI/Z-Image-Turbo", huggingface_id="Tongyi-MAI/Z-Image-Turbo",
-        components=(_text("text_encoder", 4_022_000_000), _denoiser("transformer", 6_155_000_000),
+        components=(_text("text_encoder", 4_022_000_000, 2560), _denoiser("transformer", 6_155_000_000, 3840),
                     _vae(83_800_000)),
         defaults={"steps": 9, "guidance": 0.0, "width": 1024, "height": 1024},
         description="Tongyi's distilled 6B single-stream DiT: 8 forwards, no CFG.",
@@ -132,7 +133,7 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family(
         key="wan2.1-t2v-1.3b", title="Wan2.1 T2V 1.3B", pipeline_class="WanPipeline", kind="video",
         modelscope_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", huggingface_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-        components=_WAN_TEXT + (_denoiser("transformer", 1_418_000_000), _vae(126_900_000)),
+        components=_WAN_TEXT + (_denoiser("transformer", 1_418_000_000, 1536), _vae(126_900_000)),
         defaults={"steps": 50, "guidance": 5.0, "width": 832, "height": 480, "frames": 81},
         frame_step=4, max_side=1280,
         description="Text to video, 480p; frames must be 4k+1.",
@@ -140,7 +141,7 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family(
         key="wan2.1-t2v-14b", title="Wan2.1 T2V 14B", pipeline_class="WanPipeline", kind="video",
         modelscope_id="Wan-AI/Wan2.1-T2V-14B-Diffusers", huggingface_id="Wan-AI/Wan2.1-T2V-14B-Diffusers",
-        components=_WAN_TEXT + (_denoiser("transformer", 14_289_000_000), _vae(126_900_000)),
+        components=_WAN_TEXT + (_denoiser("transformer", 14_289_000_000, 5120), _vae(126_900_000)),
         defaults={"steps": 50, "guidance": 5.0, "width": 1280, "height": 720, "frames": 81},
         frame_step=4, max_side=1280,
         description="Text to video, 480p or 720p; frames must be 4k+1.",
@@ -149,8 +150,8 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
         key="sdxl", title="Stable Diffusion XL base 1.0", pipeline_class="StableDiffusionXLPipeline",
         modelscope_id="AI-ModelScope/stable-diffusion-xl-base-1.0",
         huggingface_id="stabilityai/stable-diffusion-xl-base-1.0", variant="fp16",
-        components=(_text("text_encoder", 123_000_000), _text("text_encoder_2", 694_700_000),
-                    _denoiser("unet", 2_567_000_000), _vae(83_700_000)),
+        components=(_text("text_encoder", 123_000_000, 768), _text("text_encoder_2", 694_700_000, 1280),
+                    _denoiser("unet", 2_567_000_000, 1280), _vae(83_700_000)),
         defaults={"steps": 30, "guidance": 5.0, "width": 1024, "height": 1024},
         size_multiple=8,
         description="The 2.6B UNet classic, fp16 weights.",

@@ -29,6 +29,7 @@ class ComponentSize:
     # hints): in the computation dtype, and in float32.
     kept_parameters: int = 0
     fp32_parameters: int = 0
+    width: int = 0                        # hidden size, from config.json or the registry
 
     @property
     def castable_parameters(self) -> int:
@@ -72,8 +73,27 @@ def footprint(family: Family, folder: str | Path | None = None) -> Footprint:
         else:
             sizes.append(ComponentSize(component.name, component.phase, component.parameters,
                                        component.parameters * 2, {"bfloat16": component.parameters * 2},
-                                       largest_tensor=0, from_headers=False))
+                                       largest_tensor=0, from_headers=False, width=component.width))
     return Footprint(family.key, tuple(sizes))
+
+
+def _width(config_path: Path) -> int:
+    """The hidden size a component's config.json declares (names differ by library)."""
+    import json
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return 0
+    config = {**config.get("text_config", {}), **config}
+    if config.get("num_attention_heads") and config.get("attention_head_dim"):
+        heads = config["num_attention_heads"]
+        return int((heads[-1] if isinstance(heads, list) else heads) * config["attention_head_dim"])
+    for key in ("hidden_size", "d_model", "dim", "inner_dim"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    channels = config.get("block_out_channels")
+    return int(channels[-1]) if isinstance(channels, list) and channels and config.get("_class_name", "").startswith(
+        "UNet") else 0
 
 
 def _class_hints(entry) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -112,6 +132,7 @@ def _from_headers(folder: Path, name: str, phase: str, variant: str | None, entr
                 kept += count
             elif rule is not None:
                 fp32 += count
-        return ComponentSize(name, phase, parameters, source.total_bytes, by_dtype, largest, True, kept, fp32)
+        return ComponentSize(name, phase, parameters, source.total_bytes, by_dtype, largest, True, kept, fp32,
+                             _width(folder / name / "config.json"))
     finally:
         source.close()

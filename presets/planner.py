@@ -1,0 +1,207 @@
+"""Predicted peak VRAM and RAM of a job under each preset, before a single weight moves.
+
+The model of memory follows what the core does (see vram/):
+* weights rest at a component's *offload* placement for the whole run (RAM when "cpu",
+  nothing when "disk"); while its phase runs they sit at the *onload* placement (the GPU for
+  model-level offload);
+* a capped component keeps prepared layers on the GPU up to ``vram_limit``; uncapped
+  layer-level streaming needs the prefetch window: (prefetch + 1) of its largest layers in
+  the storage dtype plus one in the computation dtype;
+* the disk tier holds the prefetch window of reads in RAM, and a scratch buffer;
+* fp8 storage applies only to layers the core casts (norms, embeddings and the model's
+  float32 modules keep their dtype; ``Footprint`` counts them from the checkpoint's names);
+* activations grow with tokens (latent patches, text), batch and CFG; the VAE's with pixels,
+  unless tiled.
+Peaks are per phase; RAM adds the process's own baseline. Each run's measured peaks can be
+recorded (``Calibration``) and scale later predictions for this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+import vram
+from pipelines import PHASES, Family
+from pipelines.loading import config_for
+
+from .footprint import ComponentSize, Footprint
+
+GIB = 1024**3
+_LOW = (torch.float16, torch.bfloat16) + tuple(vram.config.FP8_DTYPES)
+# Bytes of activations per latent token per unit of width, in the computation dtype: the
+# attention inputs/outputs, the MLP's 4x expansion, norms and residuals alive at once.
+_ACTIVATION_FACTOR = 12
+# The VAE decoder's peak per output pixel: ~128 channels at full resolution, three alive.
+_VAE_BYTES_PER_PIXEL = 128 * 3
+_VAE_TILE = 512
+_TEXT_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class Job:
+    width: int
+    height: int
+    frames: int = 1
+    batch: int = 1
+    cfg: bool = False              # two denoiser passes per step (batched as one on diffusers)
+    vae_tiling: bool = False
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Bytes. ``peak_vram_bytes`` is None when the computation device is the CPU (then the
+    computation's memory is in ``peak_ram_bytes``)."""
+
+    preset: str
+    peak_vram_bytes: int | None
+    peak_ram_bytes: int
+    vram_limit: float | None
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)   # phase -> {"vram", "ram"}
+    parts: dict[str, int] = field(default_factory=dict)               # what the peak is made of
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def stored_bytes(component: ComponentSize, dtype: torch.dtype, compute: torch.dtype) -> int:
+    """A component's bytes with castable weights in ``dtype``, as the core stores them."""
+    low = dtype in _LOW
+    kept = component.kept_parameters * _size(compute if low else dtype)
+    fp32 = component.fp32_parameters * (4 if low else _size(dtype))
+    return component.castable_parameters * _size(dtype) + kept + fp32
+
+
+def activation_bytes(family: Family, component: ComponentSize, job: Job, compute: torch.dtype) -> int:
+    """Peak activations of one component's forward (or the VAE's decode)."""
+    item = _size(compute)
+    if component.phase == "vae_decoding":
+        side_w, side_h = (min(job.width, _VAE_TILE), min(job.height, _VAE_TILE)) if job.vae_tiling \
+            else (job.width, job.height)
+        frames = 1 if family.kind == "image" else min(job.frames, 4)  # Wan decodes a few frames at a time
+        return side_w * side_h * frames * job.batch * _VAE_BYTES_PER_PIXEL * item // 2
+    width = component.width or _width_guess(component)
+    if component.phase == "text_encoding":
+        return _TEXT_TOKENS * width * _ACTIVATION_FACTOR * item * job.batch
+    latent_frames = 1 if family.kind == "image" else (job.frames - 1) // 4 + 1
+    tokens = (job.width // 16) * (job.height // 16) * latent_frames + _TEXT_TOKENS
+    passes = 2 if job.cfg else 1
+    return tokens * width * _ACTIVATION_FACTOR * item * job.batch * passes
+
+
+def _width_guess(component: ComponentSize) -> int:
+    # A transformer of P parameters in ~L blocks of 12*w^2 has w ~ sqrt(P / (12 L)); L ~ 40.
+    return max(64, int((component.parameters / (12 * 40)) ** 0.5))
+
+
+def predict(family: Family, footprint: Footprint, job: Job, preset: str,
+            configs: Mapping[str, vram.VramConfig], *, baseline_ram: int = 0,
+            calibration: "Calibration | None" = None) -> Prediction:
+    """Peak VRAM and RAM of ``job`` with the per-component ``configs`` of ``preset``."""
+    resident_ram = 0
+    phase_peaks: dict[str, dict[str, int]] = {}
+    cfgs = {c.name: config_for(configs, family.component(c.name)) for c in footprint.components}
+    on_cpu = all(cfg.computation.device.type == "cpu" for cfg in cfgs.values())
+    vram_limit = next((cfg.vram_limit for cfg in cfgs.values() if cfg.vram_limit is not None), None)
+    for component in footprint.components:
+        cfg = cfgs[component.name]
+        if not cfg.offload.is_disk and cfg.offload.device.type == "cpu":
+            resident_ram += stored_bytes(component, cfg.offload.dtype, cfg.computation.dtype)
+    resident_vram = sum(stored_bytes(c, cfgs[c.name].offload.dtype, cfgs[c.name].computation.dtype)
+                        for c in footprint.components
+                        if not cfgs[c.name].offload.is_disk and cfgs[c.name].offload.device.type == "cuda")
+    for phase in PHASES:
+        vram_need = ram_need = 0
+        for component in footprint.in_phase(phase):
+            cfg = cfgs[component.name]
+            device_bytes, host_bytes = _phase_bytes(family, component, cfg, job)
+            vram_need += device_bytes
+            ram_need += host_bytes
+        if on_cpu:
+            ram_need += vram_need
+            vram_need = 0
+        phase_peaks[phase] = {"vram": vram_need, "ram": ram_need}
+    transient_vram = max(p["vram"] for p in phase_peaks.values())
+    transient_ram = max(p["ram"] for p in phase_peaks.values())
+    scale_ram = calibration.factor(preset, "ram") if calibration else 1.0
+    scale_vram = calibration.factor(preset, "vram") if calibration else 1.0
+    peak_ram = baseline_ram + int((resident_ram + transient_ram) * scale_ram)
+    peak_vram = None
+    if not on_cpu:
+        peak_vram = int((resident_vram + transient_vram) * scale_vram)
+        if vram_limit is not None:
+            peak_vram = min(peak_vram, int(vram_limit * GIB))
+    parts = {"baseline_ram": baseline_ram, "weights_in_ram": resident_ram, "transient_ram": transient_ram,
+             "weights_on_gpu_always": resident_vram, "phase_peak_vram": transient_vram}
+    return Prediction(preset, peak_vram, peak_ram, vram_limit, phase_peaks, parts)
+
+
+def _phase_bytes(family: Family, component: ComponentSize, cfg: vram.VramConfig, job: Job) -> tuple[int, int]:
+    """(bytes on the computation device, bytes in RAM) while ``component``'s phase runs,
+    beyond what rests in RAM all run long."""
+    compute = cfg.computation.dtype
+    acts = activation_bytes(family, component, job, compute)
+    largest = component.largest_tensor or component.parameters // 200
+    # Onloading moves the weights unless they already rest there (then they are counted once).
+    moved = 0 if cfg.onload == cfg.offload else None
+    if not cfg.onload.is_disk and cfg.onload == cfg.computation:
+        # Onloaded whole in the computation dtype (basic, model-level offload): plain forwards.
+        return (stored_bytes(component, compute, compute) if moved is None else 0) + acts, 0
+    if not cfg.onload.is_disk and cfg.onload.device == cfg.computation.device:
+        # Onloaded whole in a storage dtype (fp8): one layer at a time is cast for compute.
+        cast = largest * _size(compute) * 2
+        weights = stored_bytes(component, cfg.onload.dtype, compute) if moved is None else 0
+        return weights + cast + acts, 0
+    # Layer-level streaming from RAM or disk to the computation device.
+    storage = cfg.preparing.dtype
+    window = (cfg.prefetch + 1) * largest * (_size(storage) + _size(compute))
+    weights = stored_bytes(component, storage, compute)
+    if cfg.vram_limit is not None:
+        device = min(weights, max(window, int(cfg.vram_limit * GIB) - acts)) + acts
+    else:
+        device = weights + acts
+    host = 0
+    if cfg.onload.is_disk:
+        file_item = max(1, component.file_bytes // max(1, component.parameters))
+        host = (cfg.prefetch + 2) * largest * file_item + int(cfg.ram_cache_gib * GIB)
+    return device, host
+
+
+class Calibration:
+    """Measured / predicted ratios per (preset, "ram" | "vram"), kept in a small JSON file per
+    machine (``$LOWVRAM_CALIBRATION``, else ``~/.cache/lowvram/calibration.json``)."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lowvram" / "calibration.json"
+        self.path = Path(path or os.environ.get("LOWVRAM_CALIBRATION", default))
+        try:
+            self.records = json.loads(self.path.read_text()).get("records", [])
+        except (OSError, json.JSONDecodeError, AttributeError):
+            self.records = []
+
+    def record(self, preset: str, kind: str, predicted: int, measured: int, baseline: int = 0) -> float:
+        """Add one run; returns its error (measured / predicted - 1) on the predicted part."""
+        predicted_part, measured_part = predicted - baseline, measured - baseline
+        if predicted_part <= 0 or measured_part <= 0:
+            return 0.0
+        self.records.append({"preset": preset, "kind": kind, "ratio": measured_part / predicted_part})
+        self.records = self.records[-200:]
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"records": self.records}, indent=1))
+        except OSError:
+            pass  # a read-only home: calibration stays in memory
+        return measured / predicted - 1
+
+    def factor(self, preset: str, kind: str) -> float:
+        """The median ratio of the last runs of ``preset`` (1.0 without any), kept in [0.5, 2]."""
+        ratios = sorted(r["ratio"] for r in self.records[-50:] if r.get("preset") == preset and r.get("kind") == kind)
+        if not ratios:
+            return 1.0
+        return min(2.0, max(0.5, ratios[len(ratios) // 2]))
