@@ -265,18 +265,27 @@ def load_plain_component(folder: Path, name: str, entry: list):
         raise ModelFilesError(f"{component_dir}: cannot load {entry[1]}: {error}") from None
 
 
-def config_for(configs: Mapping[str, Any], component: Component) -> vram.VramConfig:
-    """The config for one component: by its name ("text_encoder_2"), then its role
-    ("text_encoders", "denoiser", "vae"), then its phase, then "default"."""
-    role = {"text_encoding": "text_encoders", "denoising": "denoiser", "vae_decoding": "vae"}[component.phase]
+ROLES = {"text_encoding": "text_encoders", "denoising": "denoiser", "vae_decoding": "vae"}
+
+
+def config_key_for(configs: Mapping[str, Any], component: Component) -> str:
+    """Which entry of ``configs`` applies to a component: its name ("text_encoder_2"), else
+    its role ("text_encoders", "denoiser", "vae"), else its phase, else "default"."""
+    role = ROLES[component.phase]
     for key in (component.name, role, component.phase, "default"):
         if key in configs:
-            try:
-                return vram.VramConfig.coerce(configs[key])
-            except ValueError as error:
-                raise ValueError(f"config for {component.name} ({key!r}): {error}") from None
+            return key
     raise ValueError(f"no config for component {component.name!r}: give one under {component.name!r}, "
                      f"{role!r} or 'default'")
+
+
+def config_for(configs: Mapping[str, Any], component: Component) -> vram.VramConfig:
+    """The config for one component (see ``config_key_for``), checked."""
+    key = config_key_for(configs, component)
+    try:
+        return vram.VramConfig.coerce(configs[key])
+    except ValueError as error:
+        raise ValueError(f"config for {component.name} ({key!r}): {error}") from None
 
 
 def check_config_keys(configs: Mapping[str, Any], family: Family) -> None:

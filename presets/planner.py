@@ -22,14 +22,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
 import vram
 from pipelines import PHASES, Family
-from pipelines.loading import config_for
+from pipelines.loading import config_key_for
 
+from .files import Preset, load_preset
 from .footprint import ComponentSize, Footprint
 
 GIB = 1024**3
@@ -100,64 +100,98 @@ def _width_guess(component: ComponentSize) -> int:
     return max(64, int((component.parameters / (12 * 40)) ** 0.5))
 
 
-def predict(family: Family, footprint: Footprint, job: Job, preset: str,
-            configs: Mapping[str, vram.VramConfig], *, baseline_ram: int = 0,
+@dataclass(frozen=True)
+class Tier:
+    """A placement as the planner sees it: "gpu", "cpu" or "disk", and a dtype."""
+    where: str
+    dtype: torch.dtype | None
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    offload: Tier
+    onload: Tier
+    preparing: Tier
+    computation: Tier
+    prefetch: int
+    ram_cache_gib: float
+    vram_limit: float | None
+
+
+def plan_configs(preset: Preset, dtype: torch.dtype, vram_limit: float | None,
+                 on_gpu: bool) -> dict[str, PlanConfig]:
+    """A preset's per-component placements for a machine that may not be this one (the
+    planner answers "what if" for any GPU): ``{device}`` is the GPU, or the CPU without one."""
+    out = {}
+    for key, raw in preset.components.items():
+        def tier(state: str) -> Tier:
+            device = raw.get(f"{state}_device", raw.get("computation_device", "{device}"))
+            if device == "disk":
+                return Tier("disk", None)
+            name = raw.get(f"{state}_dtype", raw.get("computation_dtype", "{dtype}"))
+            where = ("gpu" if on_gpu else "cpu") if device == "{device}" else \
+                ("gpu" if str(device).startswith("cuda") else "cpu")
+            return Tier(where, dtype if name == "{dtype}" else vram.config.parse_dtype(name, f"{key}.{state}_dtype"))
+        out[key] = PlanConfig(tier("offload"), tier("onload"), tier("preparing"), tier("computation"),
+                              int(raw.get("prefetch", 2)), float(raw.get("ram_cache_gib", 0.0)),
+                              vram_limit if preset.uses_vram_limit else None)
+    return out
+
+
+def predict(family: Family, footprint: Footprint, job: Job, preset: Preset | str, *, on_gpu: bool,
+            dtype: torch.dtype = torch.bfloat16, vram_limit: float | None = None, baseline_ram: int = 0,
             calibration: "Calibration | None" = None) -> Prediction:
-    """Peak VRAM and RAM of ``job`` with the per-component ``configs`` of ``preset``."""
-    resident_ram = 0
-    phase_peaks: dict[str, dict[str, int]] = {}
-    cfgs = {c.name: config_for(configs, family.component(c.name)) for c in footprint.components}
-    on_cpu = all(cfg.computation.device.type == "cpu" for cfg in cfgs.values())
-    vram_limit = next((cfg.vram_limit for cfg in cfgs.values() if cfg.vram_limit is not None), None)
+    """Peak VRAM and RAM of ``job`` under ``preset`` on a machine with (``on_gpu``) or without
+    a GPU, computing in ``dtype``, capped at ``vram_limit`` GiB where the preset takes a cap."""
+    preset = preset if isinstance(preset, Preset) else load_preset(preset)
+    configs = plan_configs(preset, dtype, vram_limit, on_gpu)
+    cfgs = {c.name: configs[config_key_for(configs, family.component(c.name))] for c in footprint.components}
+    limit = vram_limit if preset.uses_vram_limit else None
+    resident = {"cpu": 0, "gpu": 0}
     for component in footprint.components:
         cfg = cfgs[component.name]
-        if not cfg.offload.is_disk and cfg.offload.device.type == "cpu":
-            resident_ram += stored_bytes(component, cfg.offload.dtype, cfg.computation.dtype)
-    resident_vram = sum(stored_bytes(c, cfgs[c.name].offload.dtype, cfgs[c.name].computation.dtype)
-                        for c in footprint.components
-                        if not cfgs[c.name].offload.is_disk and cfgs[c.name].offload.device.type == "cuda")
+        if cfg.offload.where != "disk":
+            resident[cfg.offload.where] += stored_bytes(component, cfg.offload.dtype, cfg.computation.dtype)
+    phase_peaks: dict[str, dict[str, int]] = {}
     for phase in PHASES:
-        vram_need = ram_need = 0
+        device_need = host_need = 0
         for component in footprint.in_phase(phase):
-            cfg = cfgs[component.name]
-            device_bytes, host_bytes = _phase_bytes(family, component, cfg, job)
-            vram_need += device_bytes
-            ram_need += host_bytes
-        if on_cpu:
-            ram_need += vram_need
-            vram_need = 0
-        phase_peaks[phase] = {"vram": vram_need, "ram": ram_need}
+            device_bytes, host_bytes = _phase_bytes(family, component, cfgs[component.name], job)
+            device_need += device_bytes
+            host_need += host_bytes
+        if not on_gpu:
+            host_need, device_need = host_need + device_need, 0
+        phase_peaks[phase] = {"vram": device_need, "ram": host_need}
     transient_vram = max(p["vram"] for p in phase_peaks.values())
     transient_ram = max(p["ram"] for p in phase_peaks.values())
-    scale_ram = calibration.factor(preset, "ram") if calibration else 1.0
-    scale_vram = calibration.factor(preset, "vram") if calibration else 1.0
-    peak_ram = baseline_ram + int((resident_ram + transient_ram) * scale_ram)
+    scale_ram = calibration.factor(preset.name, "ram") if calibration else 1.0
+    scale_vram = calibration.factor(preset.name, "vram") if calibration else 1.0
+    peak_ram = baseline_ram + int((resident["cpu"] + transient_ram) * scale_ram)
     peak_vram = None
-    if not on_cpu:
-        peak_vram = int((resident_vram + transient_vram) * scale_vram)
-        if vram_limit is not None:
-            peak_vram = min(peak_vram, int(vram_limit * GIB))
-    parts = {"baseline_ram": baseline_ram, "weights_in_ram": resident_ram, "transient_ram": transient_ram,
-             "weights_on_gpu_always": resident_vram, "phase_peak_vram": transient_vram}
-    return Prediction(preset, peak_vram, peak_ram, vram_limit, phase_peaks, parts)
+    if on_gpu:
+        peak_vram = int((resident["gpu"] + transient_vram) * scale_vram)
+        if limit is not None:
+            peak_vram = min(peak_vram, int(limit * GIB))
+    parts = {"baseline_ram": baseline_ram, "weights_in_ram": resident["cpu"], "transient_ram": transient_ram,
+             "weights_on_gpu_always": resident["gpu"], "phase_peak_vram": transient_vram}
+    return Prediction(preset.name, peak_vram, peak_ram, limit, phase_peaks, parts)
 
 
-def _phase_bytes(family: Family, component: ComponentSize, cfg: vram.VramConfig, job: Job) -> tuple[int, int]:
+def _phase_bytes(family: Family, component: ComponentSize, cfg: PlanConfig, job: Job) -> tuple[int, int]:
     """(bytes on the computation device, bytes in RAM) while ``component``'s phase runs,
-    beyond what rests in RAM all run long."""
+    beyond what rests at its offload placement all run long."""
     compute = cfg.computation.dtype
     acts = activation_bytes(family, component, job, compute)
     largest = component.largest_tensor or component.parameters // 200
     # Onloading moves the weights unless they already rest there (then they are counted once).
-    moved = 0 if cfg.onload == cfg.offload else None
-    if not cfg.onload.is_disk and cfg.onload == cfg.computation:
+    moved = cfg.onload != cfg.offload
+    if cfg.onload == cfg.computation:
         # Onloaded whole in the computation dtype (basic, model-level offload): plain forwards.
-        return (stored_bytes(component, compute, compute) if moved is None else 0) + acts, 0
-    if not cfg.onload.is_disk and cfg.onload.device == cfg.computation.device:
+        return (stored_bytes(component, compute, compute) if moved else 0) + acts, 0
+    if cfg.onload.where == cfg.computation.where:
         # Onloaded whole in a storage dtype (fp8): one layer at a time is cast for compute.
         cast = largest * _size(compute) * 2
-        weights = stored_bytes(component, cfg.onload.dtype, compute) if moved is None else 0
-        return weights + cast + acts, 0
+        return (stored_bytes(component, cfg.onload.dtype, compute) if moved else 0) + cast + acts, 0
     # Layer-level streaming from RAM or disk to the computation device.
     storage = cfg.preparing.dtype
     window = (cfg.prefetch + 1) * largest * (_size(storage) + _size(compute))
@@ -167,7 +201,7 @@ def _phase_bytes(family: Family, component: ComponentSize, cfg: vram.VramConfig,
     else:
         device = weights + acts
     host = 0
-    if cfg.onload.is_disk:
+    if cfg.onload.where == "disk":
         file_item = max(1, component.file_bytes // max(1, component.parameters))
         host = (cfg.prefetch + 2) * largest * file_item + int(cfg.ram_cache_gib * GIB)
     return device, host

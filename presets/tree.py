@@ -1,0 +1,103 @@
+"""The decision tree of DiffSynth-Studio's guide, run on this machine's numbers.
+
+Enough VRAM -> basic; else enough VRAM for the largest model -> model-level offload; else
+enough RAM for the whole model -> dynamic layer-level management under ``vram_limit``; else
+enough RAM for it in fp8 (and VRAM for its largest model in fp8) -> fp8_offload; else the
+disk tier. Every branch is decided by the planner's predicted peaks against what is free, and
+the explanation lists each branch with its numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pipelines import Family
+
+from . import files
+from .footprint import Footprint
+from .planner import GIB, Calibration, Job, Prediction, predict
+from .probe import Hardware
+
+# The tree's order, fastest first; a failed run falls back to the next one.
+TREE_ORDER = ("basic", "cpu_offload", "dynamic", "fp8_offload", "disk")
+VRAM_MARGIN = 0.5 * GIB      # left free on the GPU: CUDA context, fragmentation
+RAM_MARGIN = 0.10            # of available RAM kept for the OS and the app
+
+
+@dataclass(frozen=True)
+class Decision:
+    preset: str
+    vram_limit: float | None                 # GiB, for presets that take one
+    device: str
+    explanation: tuple[str, ...]
+    predictions: dict[str, Prediction] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return "\n".join(self.explanation)
+
+
+def _gib(n: int | float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def decide(hardware: Hardware, family: Family, footprint: Footprint, job: Job, *, baseline_ram: int = 0,
+           vram_limit: float | None = None, calibration: Calibration | None = None,
+           dtype: torch.dtype | None = None) -> Decision:
+    """The preset and ``vram_limit`` for ``job`` on ``hardware``, with the reasons.
+
+    ``vram_limit`` (GiB) is the user's own cap; by default the free VRAM minus a margin."""
+    available = [n for n in TREE_ORDER if n in files.list_presets()]
+    gpu = max(hardware.gpus, key=lambda g: g.free_bytes) if hardware.gpus else None
+    ram_budget = int(hardware.ram_available_bytes * (1 - RAM_MARGIN)) + baseline_ram
+    lines = [f"model {family.title}: {footprint.total_parameters() / 1e9:.2f} B parameters"
+             + (" (sizes from the files)" if footprint.from_headers else " (sizes from the registry)")]
+    if gpu is None:
+        device = "cpu"
+        lines.append(f"no NVIDIA GPU ({hardware.gpu_status}): computing on the CPU")
+        free_vram = None
+        cap = vram_limit
+    else:
+        device = f"cuda:{gpu.index}"
+        free_vram = gpu.free_bytes
+        cap = vram_limit if vram_limit is not None else max(0.0, (free_vram - VRAM_MARGIN) / GIB)
+        lines.append(f"GPU {gpu.index} {gpu.name}: {_gib(free_vram)} free; vram_limit {cap:.1f} GiB"
+                     + (" (yours)" if vram_limit is not None else " (free minus 0.5 GiB)"))
+    lines.append(f"RAM: {_gib(hardware.ram_available_bytes)} available")
+
+    predictions = {}
+    for name in available:
+        predictions[name] = predict(family, footprint, job, name, on_gpu=gpu is not None,
+                                    dtype=dtype or (torch.bfloat16 if gpu else torch.float32), vram_limit=cap,
+                                    baseline_ram=baseline_ram, calibration=calibration)
+    chosen = None
+    for name in available:
+        p = predictions[name]
+        ram_ok = p.peak_ram_bytes <= ram_budget
+        vram_ok = True
+        if gpu is not None and p.vram_limit is None:
+            vram_ok = p.peak_vram_bytes <= free_vram - VRAM_MARGIN
+        needs = f"needs {_gib(p.peak_ram_bytes)} RAM" + (
+            f", {_gib(p.peak_vram_bytes)} VRAM" if p.peak_vram_bytes is not None else "")
+        verdict = "yes" if ram_ok and vram_ok else "no: " + " and ".join(
+            w for w, bad in (("not enough VRAM", not vram_ok), ("not enough RAM", not ram_ok)) if bad)
+        lines.append(f"{name}: {needs} -> {verdict}")
+        if ram_ok and vram_ok:
+            chosen = name
+            break
+    if chosen is None:
+        chosen = "disk" if "disk" in available else available[-1]
+        lines.append(f"nothing fits with margin: {chosen}, the most frugal; expect swapping or an error")
+    limit = cap if files.load_preset(chosen).uses_vram_limit else None
+    lines.append(f"-> {chosen}" + (f", vram_limit {limit:.1f} GiB" if limit is not None else ""))
+    return Decision(chosen, limit, device, tuple(lines), predictions)
+
+
+def next_preset(preset: str) -> str | None:
+    """The preset to fall back to after ``preset`` ran out of memory (None after the last)."""
+    order = [n for n in TREE_ORDER if n in files.list_presets()]
+    if preset not in order:
+        return order[-1] if order and preset != order[-1] else None
+    index = order.index(preset)
+    return order[index + 1] if index + 1 < len(order) else None
