@@ -42,8 +42,10 @@ class Family:
     size_multiple: int = 16                  # width/height must be multiples of this
     max_side: int = 2048
     defaults: Mapping[str, object] = field(default_factory=dict)
-    # How the user's "guidance" maps onto the pipeline's arguments.
+    # How the user's "guidance" maps onto the pipeline's arguments, and whether guidance > 1
+    # means classifier-free guidance (two denoiser passes per step; FLUX's is an input instead).
     guidance_argument: str = "guidance_scale"
+    guidance_is_cfg: bool = True
     # Wan: frames must be 4k+1.
     frame_step: int | None = None
     fps: int = 16
@@ -120,7 +122,7 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
         key="flux.1-dev", title="FLUX.1-dev (12B)", pipeline_class="FluxPipeline",
         modelscope_id="black-forest-labs/FLUX.1-dev", huggingface_id="black-forest-labs/FLUX.1-dev",
         components=_FLUX_COMPONENTS,
-        defaults={"steps": 28, "guidance": 3.5, "width": 1024, "height": 1024},
+        defaults={"steps": 28, "guidance": 3.5, "width": 1024, "height": 1024}, guidance_is_cfg=False,
         description="Guidance-distilled 12B MMDiT; guidance is an input, not CFG (one pass per step).",
     ),
     Family(
@@ -128,6 +130,7 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
         modelscope_id="black-forest-labs/FLUX.1-schnell", huggingface_id="black-forest-labs/FLUX.1-schnell",
         components=_FLUX_COMPONENTS,
         defaults={"steps": 4, "guidance": 0.0, "width": 1024, "height": 1024, "max_sequence_length": 256},
+        guidance_is_cfg=False,
         description="Timestep-distilled FLUX: 4 steps.",
     ),
     Family(

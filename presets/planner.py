@@ -239,3 +239,21 @@ class Calibration:
         if not ratios:
             return 1.0
         return min(2.0, max(0.5, ratios[len(ratios) // 2]))
+
+
+def spread(footprint: Footprint, gpus, *, dtype: torch.dtype = torch.bfloat16,
+           margin: int = int(0.5 * GIB)) -> dict[str, int] | None:
+    """Components over several GPUs by their free memory (diffusers' device_map="balanced"
+    with max_memory, at component granularity): the largest component first, each to the GPU
+    with the most room left. ``gpus``: objects with ``index`` and ``free_bytes``. None when
+    some component fits on no GPU (then layer-level management is the way)."""
+    room = {gpu.index: gpu.free_bytes - margin for gpu in gpus}
+    placement: dict[str, int] = {}
+    for component in sorted(footprint.components, key=lambda c: -c.parameters):
+        need = stored_bytes(component, dtype, dtype)
+        index = max(room, key=lambda i: room[i], default=None)
+        if index is None or room[index] < need:
+            return None
+        placement[component.name] = index
+        room[index] -= need
+    return placement

@@ -57,7 +57,8 @@ def decide(hardware: Hardware, family: Family, footprint: Footprint, job: Job, *
         device = "cpu"
         lines.append(f"no NVIDIA GPU ({hardware.gpu_status}): computing on the CPU")
         free_vram = None
-        cap = vram_limit
+        # On the CPU the "device" is RAM: layer-level presets stream every layer unless told.
+        cap = vram_limit if vram_limit is not None else 0.0
     else:
         device = f"cuda:{gpu.index}"
         free_vram = gpu.free_bytes

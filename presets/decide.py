@@ -1,0 +1,75 @@
+"""Command line: this machine's numbers, the decision tree for a model and job, and the
+planner's predicted peaks under every preset.
+
+    python -m presets.decide --model flux.1-dev --width 1024 --height 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipelines import ModelFilesError, get_family
+from pipelines.loading import family_of_folder
+from pipelines.sources import default_models_dir
+from vram import monitor
+
+from .footprint import footprint
+from .planner import GIB, Calibration, Job, spread
+from .probe import probe
+from .tree import decide
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m presets.decide", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="a registry key or a local diffusers folder")
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--guidance", type=float, help="above 1 with a CFG model: two passes per step")
+    parser.add_argument("--vram-limit", type=float, help="GiB; default: free VRAM minus 0.5 GiB")
+    parser.add_argument("--vae-tiling", action="store_true")
+    parser.add_argument("--models-dir", help="where downloaded models are (sizes come from their headers)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if "/" in args.model:
+            folder = args.model
+            family = family_of_folder(folder)
+        else:
+            family = get_family(args.model)
+            folder = (args.models_dir and f"{args.models_dir}/{family.key}") or default_models_dir() / family.key
+        d = family.defaults
+        frames = args.frames or (d.get("frames", 81) if family.kind == "video" else 1)
+        guidance = args.guidance if args.guidance is not None else d.get("guidance", 0.0)
+        job = Job(args.width or d.get("width", 1024), args.height or d.get("height", 1024), frames, args.batch,
+                  cfg=family.guidance_is_cfg and guidance > 1, vae_tiling=args.vae_tiling)
+        sizes = footprint(family, folder)
+    except (ValueError, ModelFilesError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    hardware = probe(folder)
+    print(hardware.describe())
+    print()
+    decision = decide(hardware, family, sizes, job, baseline_ram=monitor.current_rss(), vram_limit=args.vram_limit,
+                      calibration=Calibration())
+    print(decision.describe())
+    print()
+    print(f"{'preset':<12} {'peak VRAM':>10} {'peak RAM':>10}")
+    for name, p in decision.predictions.items():
+        vram_text = "-" if p.peak_vram_bytes is None else f"{p.peak_vram_bytes / GIB:.1f} GiB"
+        print(f"{name:<12} {vram_text:>10} {p.peak_ram_bytes / GIB:>6.1f} GiB")
+    if len(hardware.gpus) > 1:
+        placement = spread(sizes, hardware.gpus)
+        print()
+        print("across GPUs: " + (", ".join(f"{c} -> GPU {i}" for c, i in placement.items()) if placement
+                                 else "some component fits on no single GPU; use layer-level management"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
