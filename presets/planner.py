@@ -41,6 +41,9 @@ _ACTIVATION_FACTOR = 12
 _VAE_BYTES_PER_PIXEL = 128 * 3
 _VAE_TILE = 512
 _TEXT_TOKENS = 512
+# RAM the first generation adds besides weights and activations: torch's thread pools and
+# kernel caches, tokenizers' buffers (measured ~30 MiB on a 2-core CPU).
+_RUNTIME_RAM = 24 * 2**20
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,7 @@ def predict(family: Family, footprint: Footprint, job: Job, preset: Preset | str
     transient_ram = max(p["ram"] for p in phase_peaks.values())
     scale_ram = calibration.factor(preset.name, "ram") if calibration else 1.0
     scale_vram = calibration.factor(preset.name, "vram") if calibration else 1.0
-    peak_ram = baseline_ram + int((resident["cpu"] + transient_ram) * scale_ram)
+    peak_ram = baseline_ram + int((resident["cpu"] + transient_ram + _RUNTIME_RAM) * scale_ram)
     peak_vram = None
     if on_gpu:
         peak_vram = int((resident["gpu"] + transient_vram) * scale_vram)
@@ -194,7 +197,9 @@ def _phase_bytes(family: Family, component: ComponentSize, cfg: PlanConfig, job:
         return (stored_bytes(component, cfg.onload.dtype, compute) if moved else 0) + cast + acts, 0
     # Layer-level streaming from RAM or disk to the computation device.
     storage = cfg.preparing.dtype
-    window = (cfg.prefetch + 1) * largest * (_size(storage) + _size(compute))
+    # A staged copy already in the computation placement is the one the forward uses.
+    per_layer = _size(storage) if cfg.preparing == cfg.computation else _size(storage) + _size(compute)
+    window = (cfg.prefetch + 1) * largest * per_layer
     weights = stored_bytes(component, storage, compute)
     if cfg.vram_limit is not None:
         device = min(weights, max(window, int(cfg.vram_limit * GIB) - acts)) + acts
