@@ -25,7 +25,8 @@ from .sources import SOURCES, DownloadError
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipelines.generate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help=f"one of {', '.join(FAMILIES)}, or a local diffusers folder")
-    parser.add_argument("--preset", default="dynamic", help="a preset name (see presets/builtin/)")
+    parser.add_argument("--preset", default="auto",
+                        help="auto (the decision tree on this machine's numbers) or a preset name (presets/builtin/)")
     parser.add_argument("--vram-limit", type=float, help="GiB of VRAM the run may use (dynamic and disk presets)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", default="")
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         fps=args.fps, vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing)
     try:
         request.resolved(_family_of(args.model), None)  # bad settings fail before any loading
+        if args.preset == "auto":
+            return _auto(args, request)
         configs = preset_configs(args.preset, vram_limit=args.vram_limit, device=args.device, dtype=args.dtype)
         started = time.perf_counter()
         with load_pipeline(args.model, configs, source=args.source, models_dir=args.models_dir,
@@ -93,6 +96,22 @@ def main(argv: list[str] | None = None) -> int:
     for path in paths:
         print(f"saved {path}")
     print(result.summary.describe())
+    return 0
+
+
+def _auto(args, request: GenerationRequest) -> int:
+    """The decision tree picks the preset; an out-of-memory steps down once."""
+    from presets.auto import run
+    model = args.model
+    outcome = run(model, request, vram_limit=args.vram_limit, source=args.source, models_dir=args.models_dir,
+                  on_event=_print_event, on_message=lambda text: print(text, file=sys.stderr))
+    print(outcome.decision.describe(), file=sys.stderr)
+    for path in outcome.result.save(args.out):
+        print(f"saved {path}")
+    print(outcome.result.summary.describe())
+    predicted = outcome.prediction.peak_ram_bytes / 2**30
+    print(f"preset {outcome.outcome.preset}; predicted peak RAM {predicted:.2f} GiB "
+          f"({outcome.errors['ram']:+.0%} measured vs predicted)")
     return 0
 
 

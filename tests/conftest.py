@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The planner's calibration file: not the user's, and fresh per test session.
+os.environ["LOWVRAM_CALIBRATION"] = os.path.join(tempfile.mkdtemp(prefix="lowvram-test-"), "calibration.json")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -33,3 +33,11 @@ def test_bad_input_is_one_line_and_exit_code_2(tiny_family, tmp_path):
     assert done.returncode == 2 and "unknown model 'sdxl-turbo'" in done.stderr
     done = run_cli("--model", "sdxl", "--preset", "warp", "--prompt", "a cat")
     assert done.returncode == 2 and "unknown preset 'warp'" in done.stderr
+
+
+def test_auto_preset_explains_its_choice(tiny_family, tmp_path):
+    done = run_cli("--model", str(tiny_family("sdxl")), "--prompt", "a cat", "--steps", "2", "--width", "32",
+                   "--height", "32", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "\\n-> " in done.stderr.replace("\n", "\\n") and "saved" in done.stdout
+    assert "predicted peak RAM" in done.stdout

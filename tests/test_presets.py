@@ -338,3 +338,19 @@ def test_decide_prints_machine_tree_and_table(tiny_family):
     assert done.returncode == 2 and "unknown model 'nope'" in done.stderr
 
 
+
+
+# -- auto: decide, run, record --------------------------------------------------------------
+
+def test_auto_decides_runs_and_records_the_error(tiny_family, tmp_path):
+    from presets.auto import run
+    request, extra = request_for("sdxl")
+    calibration = Calibration(tmp_path / "calibration.json")
+    outcome = run(tiny_family("sdxl"), request, pipeline_kwargs=extra, calibration=calibration)
+    assert outcome.decision is not None and outcome.outcome.preset == outcome.decision.preset
+    assert outcome.result.summary.steps == 2
+    assert abs(outcome.errors["ram"]) <= 0.15  # the planner on this machine, this run
+    assert json.loads((tmp_path / "calibration.json").read_text())["records"][0]["preset"] == outcome.outcome.preset
+    named = run(tiny_family("sdxl"), request, preset="disk", vram_limit=0, pipeline_kwargs=extra,
+                calibration=calibration)
+    assert named.decision is None and named.outcome.preset == "disk"
