@@ -346,6 +346,12 @@ def machine_info() -> dict:
     }
 
 
+def describe_machine(info: dict) -> str:
+    """One line from ``machine_info()``."""
+    return (f"{info['cpu_count']} CPUs ({info['cpu_model']}), {info['ram_gib']:.1f} GiB RAM, torch {info['torch']} "
+            f"({info['torch_threads']} threads), Python {info['python']}, {info['platform']}")
+
+
 def md_table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for row in rows:

@@ -65,7 +65,7 @@ for _path in (HERE, ROOT, ROOT / "tests"):
 
 import torch  # noqa: E402
 
-from _common import (GIB, CpuShare, Memory, emit, machine_info, md_table, proc_status,  # noqa: E402
+from _common import (GIB, CpuShare, Memory, describe_machine, emit, machine_info, md_table, proc_status,  # noqa: E402
                      random_state_dict, run_worker, serve_worker, warm_page_cache)
 
 REFERENCE = "diffusers"          # the reference row's name in both tables
@@ -426,11 +426,6 @@ def parse_args() -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown family or preset {unknown}; families {FAMILIES}, presets {list_presets()}")
     return args
-
-
-def describe_machine(info: dict) -> str:
-    return (f"{info['cpu_count']} CPUs ({info['cpu_model']}), {info['ram_gib']:.1f} GiB RAM, torch {info['torch']} "
-            f"({info['torch_threads']} threads), Python {info['python']}, {info['platform']}")
 
 
 def measure_loading(args, out_dir: Path, env: dict, common: list[str], render) -> tuple[str, dict]:
