@@ -8,6 +8,7 @@ run with fallback, and record how far the prediction was from what was measured.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -58,6 +59,10 @@ def run(model: str | Path, request: GenerationRequest, *, preset: str = "auto", 
     request.resolved(family)  # bad settings fail before anything is probed or loaded
     calibration = calibration or Calibration()
     hardware = probe(folder)
+    if hardware.has_gpu and not torch.cuda.is_available():
+        # The GPU is there but this torch cannot use it: decide for the CPU it will run on.
+        hardware = dataclasses.replace(hardware, gpus=(), gpu_status=(
+            f"{hardware.gpus[0].name} found, but this torch build has no CUDA; install the CUDA build of torch"))
     sizes = footprint(family, folder)
     job = job_of(family, request)
     baseline = monitor.current_rss()
