@@ -31,7 +31,7 @@ from vram import monitor
 
 from . import loading
 from .registry import Family, get_family
-from .request import GenerationRequest
+from .request import GenerationRequest, RequestError
 from .sources import resolve_model
 
 log = logging.getLogger(__name__)
@@ -232,6 +232,10 @@ class ManagedPipeline:
         ``on_event`` receives every ``Event``; setting ``cancel`` stops the run at the next
         step or phase boundary with ``Cancelled``, after releasing its memory.
         ``pipeline_kwargs`` go to the diffusers pipeline as they are (e.g. max_sequence_length)."""
+        unknown = set(fields) - {f.name for f in dataclasses.fields(GenerationRequest)}
+        if unknown:
+            raise RequestError(f"unknown setting(s) {sorted(unknown)}; settings are "
+                               f"{', '.join(f.name for f in dataclasses.fields(GenerationRequest))}")
         if request is None:
             request = GenerationRequest(**fields)
         elif fields:

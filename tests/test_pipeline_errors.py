@@ -60,6 +60,7 @@ def test_folder_without_model_index(tmp_path):
     ({"prompt": "x" * 20_000}, r"prompt: 20000 characters"),
     ({"batch": 0}, r"batch"),
     ({"frames": 9}, r"frames: .* makes images, not videos"),
+    ({"sampler": "euler"}, r"unknown setting\(s\) \['sampler'\]"),
 ])
 def test_bad_generation_settings(tiny_family, fields, message):
     request, extra = request_for("sdxl")
