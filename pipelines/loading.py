@@ -109,7 +109,8 @@ def check_folder(folder: Path, family: Family) -> None:
         except (ModelFilesError, ValueError, FileNotFoundError) as error:
             problems.append(str(error))
     for name in family.tokenizers + ("scheduler",):
-        if index.get(name, [None, None])[1] and not (folder / name).is_dir():
+        entry = index.get(name)
+        if isinstance(entry, list) and len(entry) == 2 and entry[1] and not (folder / name).is_dir():
             problems.append(f"{name}/ folder")
     if problems:
         raise ModelFilesError(f"{family.key} in {folder} is incomplete or damaged: " + "; ".join(problems))
