@@ -208,7 +208,7 @@ def _phase_bytes(family: Family, component: ComponentSize, cfg: PlanConfig, job:
     host = 0
     if cfg.onload.where == "disk":
         file_item = max(1, component.file_bytes // max(1, component.parameters))
-        host = (cfg.prefetch + 2) * largest * file_item + int(cfg.ram_cache_gib * GIB)
+        host = (cfg.prefetch + 1) * largest * file_item + int(cfg.ram_cache_gib * GIB)  # reads in flight
     return device, host
 
 

@@ -41,6 +41,9 @@ def test_large_pipeline_peak_ram_is_predicted(big_flux, preset):
     run = measure(big_flux, preset)
     error = run["predicted"] / run["measured"] - 1
     assert abs(error) <= TOLERANCE, run
-    # And above the baseline too, where the presets differ, within 25%.
-    above = (run["predicted"] - run["baseline"]) / (run["measured"] - run["baseline"]) - 1
-    assert abs(above) <= 0.25, run
+    # Beyond the bound: above the baseline too, where the presets differ, within 10%.
+    # Not for the disk tier: its measured share (250-330 MB) moves run to run with how full
+    # the prefetch window and the heap get.
+    if preset != "disk":
+        above = (run["predicted"] - run["baseline"]) / (run["measured"] - run["baseline"]) - 1
+        assert abs(above) <= 0.10, run
