@@ -240,18 +240,33 @@ def load_component(folder: Path, name: str, phase: str, entry: list, config: vra
     if not _is_model(cls):
         raise ModelFilesError(f"{component_dir}: {entry[1]} is not a model class")
     files = weight_files(component_dir, variant)
+    config = _vae_upcast(cls, component_dir, config)
     model = build_model(cls, component_dir, config.computation.dtype)
     source = vram.WeightSource(files)
-    rename = checkpoint_key_renamer(model)
-    if rename is not None:
-        source.rename_keys(rename)
     try:
+        rename = checkpoint_key_renamer(model)
+        if rename is not None:
+            source.rename_keys(rename)
         vram.enable_vram_management(model, config, weights=source, name=label or name,
                                     keep_fp32=keep_fp32_for(model, config.computation.dtype))
     except ValueError as error:
         source.close()
         raise ModelFilesError(f"{component_dir}: {error}") from None
+    except BaseException:
+        source.close()
+        raise
     return LoadedComponent(name, phase, model, config, files)
+
+
+def _vae_upcast(cls, component_dir: Path, config: vram.VramConfig) -> vram.VramConfig:
+    """A VAE whose config says ``force_upcast`` (SDXL's overflows in float16) computes in
+    float32 when the rest computes in float16: the pipeline's own ``vae.to(float32)`` would
+    reach only buffers of a managed model."""
+    if config.computation.dtype != torch.float16:
+        return config
+    if not _read_json(component_dir / "config.json").get("force_upcast", False):
+        return config
+    return config.with_dtype(torch.float32)
 
 
 def load_plain_component(folder: Path, name: str, entry: list):

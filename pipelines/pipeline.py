@@ -243,6 +243,9 @@ class ManagedPipeline:
         request = request.resolved(self.family, self.size_multiple)
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this pipeline is already generating; wait for that run or load another")
+        if self.pipe is None:
+            self._lock.release()
+            raise RuntimeError("this pipeline was closed; load it again")
         try:
             return self._generate(request, on_event, cancel, dict(pipeline_kwargs or {}))
         finally:
@@ -343,7 +346,8 @@ class ManagedPipeline:
         peaks = [r.peak_reserved_bytes for r in reports if r.peak_reserved_bytes is not None]
         device_peak = monitor.device_peaks(device).get("reserved")
         peak_vram = max(peaks + ([device_peak] if device_peak is not None else []), default=None)
-        caps = [c.config.vram_limit for c in self.components.values() if c.config.vram_limit is not None]
+        # vram_limit 0 means "stream every layer", not a cap of 0 bytes.
+        caps = [c.config.vram_limit for c in self.components.values() if c.config.vram_limit]
         cap_bytes = int(min(caps) * vram.GIB) if caps else None
         within = None
         if cap_bytes is not None:
@@ -372,7 +376,14 @@ class ManagedPipeline:
         return out
 
     def close(self) -> None:
-        """Release every weight the core holds for this pipeline; the object is unusable after."""
+        """Release every weight the core holds for this pipeline; the object is unusable after.
+        Waits for a generation in progress to end (cancel it first to stop it sooner)."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self.pipe is None:
+            return
         self.offload_all()
         for handle in self._handles:
             handle.remove()

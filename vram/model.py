@@ -598,15 +598,23 @@ def _bind(managed: ManagedModel, model: torch.nn.Module, config: VramConfig, sou
 
     # Bases at the offload placement, one layer at a time so peak RAM stays one layer above
     # the result; the model's own tensors are dropped as soon as their placeholders go in.
-    initialized: set[int] = set()
+    initialized: dict[int, Slot] = {}
+    try:
+        for module_name, module, direct in plan:
+            for param_name, param in direct:
+                slot = slots_by_param[id(param)]
+                if id(slot) not in initialized:
+                    initialized[id(slot)] = slot
+                    _initial_base(slot, param, source)
+    except BaseException:
+        with get_manager().lock:  # a failed bind leaves nothing charged behind
+            for slot in initialized.values():
+                slot._drop_base()
+        raise
     for module_name, module, direct in plan:
         entries = []
         for param_name, param in direct:
-            slot = slots_by_param[id(param)]
-            if id(slot) not in initialized:
-                _initial_base(slot, param, source)
-                initialized.add(id(slot))
-            entries.append((param_name, slot))
+            entries.append((param_name, slots_by_param[id(param)]))
         layer = ManagedLayer(managed, module_name, module, entries)
         layer.show_placeholders()
         managed.layers.append(layer)
