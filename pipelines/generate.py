@@ -15,6 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from vram import VramLimitError
+
 from .pipeline import Cancelled, Event, load_pipeline
 from .loading import family_of_folder
 from .registry import FAMILIES, get_family
@@ -61,6 +65,12 @@ def _progress(name: str, done: int, total: int) -> None:
         print(f"downloaded {name} ({total / 2**20:.1f} MiB)", file=sys.stderr)
 
 
+def _check_out(out: Path, family) -> None:
+    suffix = ".mp4" if family.kind == "video" else ".png"
+    if out.suffix and out.suffix.lower() != suffix:
+        raise ValueError(f"--out: {out.name} should end in {suffix} for {family.title} (or name a folder)")
+
+
 def _family_of(model: str):
     if "/" in model or os.sep in model:
         return family_of_folder(Path(model)) if Path(model).is_dir() else get_family(model)
@@ -76,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps, guidance=args.guidance, seed=args.seed, batch=args.batch, frames=args.frames,
         fps=args.fps, vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing)
     try:
-        request.resolved(_family_of(args.model), None)  # bad settings fail before any loading
+        family = _family_of(args.model)
+        request.resolved(family, None)  # bad settings fail before any loading
+        _check_out(Path(args.out), family)
+        if args.preset == "auto" and (args.device or args.dtype):
+            raise ValueError("--device/--dtype choose a named preset's placement; with --preset auto the "
+                             "decision tree chooses them")
         if args.preset == "auto":
             return _auto(args, request)
         configs = preset_configs(args.preset, vram_limit=args.vram_limit, device=args.device, dtype=args.dtype)
@@ -93,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, DownloadError) as error:  # bad input, missing files, network
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (MemoryError, VramLimitError, getattr(torch, "OutOfMemoryError", MemoryError)) as error:
+        first_line = (str(error).splitlines() or [""])[0]
+        print(f"error: out of memory ({type(error).__name__}: {first_line}); try a more frugal --preset "
+              f"or a lower --vram-limit", file=sys.stderr)
+        return 3
     for path in paths:
         print(f"saved {path}")
     print(result.summary.describe())

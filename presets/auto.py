@@ -71,18 +71,27 @@ def run(model: str | Path, request: GenerationRequest, *, preset: str = "auto", 
         decision = decide(hardware, family, sizes, job, baseline_ram=baseline, vram_limit=vram_limit,
                           calibration=calibration)
         preset, vram_limit = decision.preset, decision.vram_limit
-    on_gpu = hardware.has_gpu and torch.cuda.is_available()
+    on_gpu = hardware.has_gpu
+    device = f"cuda:{max(hardware.gpus, key=lambda g: g.free_bytes).index}" if on_gpu else "cpu"
+    dtype = None if on_gpu else torch.float32
+    local = isinstance(model, Path) or "/" in str(model)
     outcome = generate_with_fallback(
-        model if "/" in str(model) or isinstance(model, Path) else family.key, request, preset,
-        vram_limit=vram_limit, on_event=on_event, cancel=cancel, pipeline_kwargs=pipeline_kwargs,
-        on_message=on_message, load_options={} if "/" in str(model) else {"source": source, "models_dir": models_dir})
-    prediction = predict(family, footprint(family, folder), job, outcome.preset, on_gpu=on_gpu,
-                         dtype=torch.bfloat16 if on_gpu else torch.float32, vram_limit=vram_limit,
-                         baseline_ram=baseline, calibration=calibration)
+        model if local else family.key, request, preset, vram_limit=vram_limit, device=device, dtype=dtype,
+        on_event=on_event, cancel=cancel, pipeline_kwargs=pipeline_kwargs, on_message=on_message,
+        load_options={} if local else {"source": source, "models_dir": models_dir})
+    sizes = footprint(family, folder)  # after a download the headers give the exact sizes
+
+    def planned(scale: Calibration | None) -> Prediction:
+        return predict(family, sizes, job, outcome.preset, on_gpu=on_gpu,
+                       dtype=torch.bfloat16 if on_gpu else torch.float32, vram_limit=outcome.vram_limit,
+                       baseline_ram=baseline, calibration=scale)
+    prediction, raw = planned(calibration), planned(None)
     summary = outcome.result.summary
-    errors = {"ram": calibration.record(outcome.preset, "ram", prediction.peak_ram_bytes, summary.peak_ram_bytes,
-                                        baseline)}
+    # Errors of the calibrated prediction; the file learns from the raw one (else it would
+    # chase its own corrections).
+    errors = {"ram": summary.peak_ram_bytes / prediction.peak_ram_bytes - 1}
+    calibration.record(outcome.preset, "ram", raw.peak_ram_bytes, summary.peak_ram_bytes, baseline)
     if prediction.peak_vram_bytes and summary.peak_vram_bytes:
-        errors["vram"] = calibration.record(outcome.preset, "vram", prediction.peak_vram_bytes,
-                                            summary.peak_vram_bytes)
+        errors["vram"] = summary.peak_vram_bytes / prediction.peak_vram_bytes - 1
+        calibration.record(outcome.preset, "vram", raw.peak_vram_bytes, summary.peak_vram_bytes)
     return AutoOutcome(outcome, decision, prediction, errors)

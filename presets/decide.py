@@ -9,13 +9,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines import ModelFilesError, get_family
+from pathlib import Path
+
+from pipelines import GenerationRequest, get_family
 from pipelines.loading import family_of_folder
 from pipelines.sources import default_models_dir
 from vram import monitor
+from vram.config import parse_vram_limit
 
+from .auto import job_of
 from .footprint import footprint
-from .planner import GIB, Calibration, Job, spread
+from .planner import GIB, Calibration, spread
 from .probe import probe
 from .tree import decide
 
@@ -42,21 +46,20 @@ def main(argv: list[str] | None = None) -> int:
             family = family_of_folder(folder)
         else:
             family = get_family(args.model)
-            folder = (args.models_dir and f"{args.models_dir}/{family.key}") or default_models_dir() / family.key
-        d = family.defaults
-        frames = args.frames or (d.get("frames", 81) if family.kind == "video" else 1)
-        guidance = args.guidance if args.guidance is not None else d.get("guidance", 0.0)
-        job = Job(args.width or d.get("width", 1024), args.height or d.get("height", 1024), frames, args.batch,
-                  cfg=family.guidance_is_cfg and guidance > 1, vae_tiling=args.vae_tiling)
+            folder = Path(args.models_dir or default_models_dir()) / family.key
+        request = GenerationRequest(prompt="plan", width=args.width, height=args.height, frames=args.frames,
+                                    batch=args.batch, guidance=args.guidance, vae_tiling=args.vae_tiling).resolved(family)
+        vram_limit = parse_vram_limit(args.vram_limit)
+        job = job_of(family, request)
         sizes = footprint(family, folder)
-    except (ValueError, ModelFilesError) as error:
+        hardware = probe(folder)
+        decision = decide(hardware, family, sizes, job, baseline_ram=monitor.current_rss(), vram_limit=vram_limit,
+                          calibration=Calibration())
+    except ValueError as error:  # an unknown model, a bad setting, a broken preset file
         print(f"error: {error}", file=sys.stderr)
         return 2
-    hardware = probe(folder)
     print(hardware.describe())
     print()
-    decision = decide(hardware, family, sizes, job, baseline_ram=monitor.current_rss(), vram_limit=args.vram_limit,
-                      calibration=Calibration())
     print(decision.describe())
     print()
     print(f"{'preset':<12} {'peak VRAM':>10} {'peak RAM':>10}")
@@ -66,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(hardware.gpus) > 1:
         placement = spread(sizes, hardware.gpus)
         print()
-        print("across GPUs: " + (", ".join(f"{c} -> GPU {i}" for c, i in placement.items()) if placement
-                                 else "some component fits on no single GPU; use layer-level management"))
+        print("whole components across GPUs (a plan; runs use one GPU): " + (
+            ", ".join(f"{c} -> GPU {i}" for c, i in placement.items()) if placement
+            else "some component fits on no single GPU; use layer-level management"))
     return 0
 
 

@@ -19,8 +19,12 @@ import torch
 import vram
 from pipelines import Event, GenerationRequest, Result, load_pipeline
 
-from .files import preset_configs
-from .tree import next_preset
+from .files import load_preset, preset_configs
+from .tree import VRAM_MARGIN, next_preset
+
+# After the GPU ran out: presets that need less VRAM, in order (fp8_offload onloads whole
+# models, so a capped layer-level preset is the step down from it).
+_VRAM_LADDER = {"basic": "cpu_offload", "cpu_offload": "dynamic", "fp8_offload": "dynamic", "dynamic": "disk"}
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +40,29 @@ class Outcome:
     result: Result
     preset: str                      # the preset that produced the result
     messages: list[str] = field(default_factory=list)
+    vram_limit: float | None = None  # the cap it ran under (GiB), where the preset takes one
 
 
 def out_of_memory(error: BaseException) -> bool:
     oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
     return isinstance(error, (oom, MemoryError, vram.VramLimitError))
+
+
+def step_down(preset: str, error: BaseException) -> str | None:
+    """The preset to retry with: one that needs less of what ran out (RAM: the tree's order,
+    toward disk; the GPU: toward layer-level management under a cap)."""
+    if isinstance(error, MemoryError):
+        return next_preset(preset)
+    return _VRAM_LADDER.get(preset, next_preset(preset))
+
+
+def derived_limit(device: str | None) -> float:
+    """A cap for a layer-level preset the user gave none for: free VRAM minus the margin
+    (0, "stream every layer", on the CPU)."""
+    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return max(0.0, (free - VRAM_MARGIN) / 2**30)
+    return 0.0
 
 
 def _ram_guard(on_event: Callable[[Event], None] | None, floor: int):
@@ -54,6 +76,7 @@ def _ram_guard(on_event: Callable[[Event], None] | None, floor: int):
 
 
 def generate_with_fallback(model, request: GenerationRequest, preset: str, *, vram_limit: float | None = None,
+                           device: str | None = None, dtype: torch.dtype | str | None = None,
                            on_event: Callable[[Event], None] | None = None, cancel=None,
                            load: Callable = load_pipeline, load_options: dict | None = None,
                            pipeline_kwargs: dict | None = None, ram_floor: int = RAM_FLOOR,
@@ -68,18 +91,21 @@ def generate_with_fallback(model, request: GenerationRequest, preset: str, *, vr
         if on_message is not None:
             on_message(text)
 
-    current = preset
+    current, limit = preset, vram_limit
     for attempt in (1, 2):
         pipe = None
         try:
-            pipe = load(model, preset_configs(current, vram_limit=vram_limit), **(load_options or {}))
+            if limit is None and load_preset(current).uses_vram_limit:
+                limit = derived_limit(device)
+            configs = preset_configs(current, vram_limit=limit, device=device, dtype=dtype)
+            pipe = load(model, configs, **(load_options or {}))
             result = pipe.generate(request, on_event=_ram_guard(on_event, ram_floor), cancel=cancel,
                                    pipeline_kwargs=pipeline_kwargs)
-            return Outcome(result, current, messages)
+            return Outcome(result, current, messages, limit)
         except BaseException as error:
             if not out_of_memory(error) or attempt == 2:
                 raise
-            fallback = next_preset(current)
+            fallback = step_down(current, error)
             if fallback is None:
                 raise
             say(f"{current} ran out of memory ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "

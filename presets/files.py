@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,10 @@ import vram
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 PRESETS_DIR_ENV = "LOWVRAM_PRESETS_DIR"
-ORDER = ("basic", "cpu_offload", "fp8_offload", "dynamic", "disk")  # fastest first
+# How the built-in presets are listed (the order); the tree's own order is tree.TREE_ORDER.
+ORDER = ("basic", "cpu_offload", "fp8_offload", "dynamic", "disk")
+_COMPONENT_KEY = re.compile(r"^(default|text_encoders|denoiser|vae|text_encoding|denoising|vae_decoding|"
+                            r"text_encoder(_\d+)?|transformer(_\d+)?|unet)$")
 
 
 class PresetError(ValueError):
@@ -61,6 +65,11 @@ def load_preset(name: str) -> Preset:
     for key, config in data["components"].items():
         if not isinstance(config, dict):
             raise PresetError(f"{path}: components.{key} must be an object of vram config keys")
+        if not _COMPONENT_KEY.match(key):
+            raise PresetError(f"{path}: components.{key}: not a component; use 'default', a role (text_encoders, "
+                              f"denoiser, vae), a phase or a component name (text_encoder_2, transformer, unet)")
+    if "default" not in data["components"]:
+        raise PresetError(f"{path}: components needs a 'default' config (the others override it per component)")
     preset = Preset(name=name, description=str(data.get("description", "")), components=data["components"],
                     uses_vram_limit=bool(data.get("uses_vram_limit", False)), path=path)
     # Fill in against the CPU so that every field is checked now, whatever the machine.

@@ -36,10 +36,6 @@ class ComponentSize:
         """Parameters that take the storage dtype a config names (fp8 under fp8_offload)."""
         return self.parameters - self.kept_parameters - self.fp32_parameters
 
-    def bytes_at(self, itemsize: float) -> int:
-        """Bytes if every parameter were stored with ``itemsize`` bytes."""
-        return int(self.parameters * itemsize)
-
 
 @dataclass(frozen=True)
 class Footprint:

@@ -4,9 +4,10 @@ The model of memory follows what the core does (see vram/):
 * weights rest at a component's *offload* placement for the whole run (RAM when "cpu",
   nothing when "disk"); while its phase runs they sit at the *onload* placement (the GPU for
   model-level offload);
-* a capped component keeps prepared layers on the GPU up to ``vram_limit``; uncapped
-  layer-level streaming needs the prefetch window: (prefetch + 1) of its largest layers in
-  the storage dtype plus one in the computation dtype;
+* a capped component keeps prepared layers on the GPU up to ``vram_limit`` (0: none, only
+  the prefetch window: (prefetch + 1) of its largest layers, in the storage and, when it
+  differs, the computation dtype); uncapped, every staged layer is kept (except a CPU
+  computing from disk, which keeps none);
 * the disk tier holds the prefetch window of reads in RAM, and a scratch buffer;
 * fp8 storage applies only to layers the core casts (norms, embeddings and the model's
   float32 modules keep their dtype; ``Footprint`` counts them from the checkpoint's names);
@@ -201,14 +202,20 @@ def _phase_bytes(family: Family, component: ComponentSize, cfg: PlanConfig, job:
     per_layer = _size(storage) if cfg.preparing == cfg.computation else _size(storage) + _size(compute)
     window = (cfg.prefetch + 1) * largest * per_layer
     weights = stored_bytes(component, storage, compute)
+    from_disk_on_cpu = cfg.onload.where == "disk" and cfg.preparing.where == "cpu"
     if cfg.vram_limit is not None:
         device = min(weights, max(window, int(cfg.vram_limit * GIB) - acts)) + acts
+    elif from_disk_on_cpu:
+        device = window + acts   # uncapped, a CPU computing from disk keeps nothing (vram/ says why)
     else:
-        device = weights + acts
+        device = weights + acts  # uncapped: every staged layer is kept
     host = 0
     if cfg.onload.where == "disk":
         file_item = max(1, component.file_bytes // max(1, component.parameters))
-        host = (cfg.prefetch + 1) * largest * file_item + int(cfg.ram_cache_gib * GIB)  # reads in flight
+        in_flight = (cfg.prefetch + 1) * largest * file_item
+        if from_disk_on_cpu and file_item == _size(storage):
+            in_flight = 0            # the read buffers are the staged copies themselves
+        host = in_flight + int(cfg.ram_cache_gib * GIB)
     return device, host
 
 

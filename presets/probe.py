@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -37,7 +37,6 @@ class Hardware:
     disk_free_bytes: int | None
     disk_path: str | None
     disk_read_bytes_per_s: float | None = None
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def has_gpu(self) -> bool:
@@ -64,6 +63,8 @@ def probe(models_dir: str | os.PathLike | None = None, *, nvml=None, measure_rea
     """Read the machine. ``nvml`` replaces the ``pynvml`` module (tests pass a fake);
     ``measure_read_speed_of`` names a file to time a read of (at most 256 MiB)."""
     gpus, status = _gpus(nvml)
+    if not gpus:
+        gpus, status = _torch_gpus(status)
     memory = psutil.virtual_memory()
     disk_path = _existing_parent(Path(models_dir)) if models_dir is not None else Path.cwd()
     try:
@@ -97,6 +98,23 @@ def _gpus(nvml) -> tuple[list[GPU], str]:
         except Exception:
             pass
     return gpus, "ok" if gpus else "NVML found no devices"
+
+
+def _torch_gpus(status: str) -> tuple[list[GPU], str]:
+    """CUDA devices as torch sees them, when NVML cannot say (a container without the
+    management library, say): enough for the tree, no per-process figures."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return [], status
+        gpus = []
+        for index in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(index)
+            gpus.append(GPU(index, torch.cuda.get_device_name(index), total, free, None, free,
+                            torch.cuda.memory_reserved(index)))
+        return gpus, f"ok (from torch; {status})"
+    except Exception:
+        return [], status
 
 
 def _gpu(nvml, index: int) -> GPU:
