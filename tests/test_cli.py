@@ -41,3 +41,10 @@ def test_auto_preset_explains_its_choice(tiny_family, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "\\n-> " in done.stderr.replace("\n", "\\n") and "saved" in done.stdout
     assert "predicted peak RAM" in done.stdout
+
+
+def test_wrong_output_suffix_fails_before_loading(tiny_family, tmp_path):
+    done = run_cli("--model", str(tiny_family("sdxl")), "--preset", "basic", "--prompt", "a cat",
+                   "--out", str(tmp_path / "cat.jpg"))
+    assert done.returncode == 2 and "should end in .png" in done.stderr.splitlines()[-1]
+    assert "loaded" not in done.stderr

@@ -212,3 +212,31 @@ def test_request_defaults_come_from_the_family():
     assert (request.steps, request.guidance, request.width) == (4, 0.0, 1024)
     video = GenerationRequest(prompt="x").resolved(get_family("wan2.1-t2v-1.3b"), 16)
     assert (video.frames, video.fps, video.width, video.height) == (81, 16, 832, 480)
+
+
+def test_a_closed_pipeline_says_so(tiny_family):
+    request, extra = request_for("sdxl")
+    pipe = load_pipeline(tiny_family("sdxl"), preset_configs("basic"))
+    pipe.close()
+    pipe.close()  # twice is fine
+    with pytest.raises(RuntimeError, match="was closed"):
+        pipe.generate(request, pipeline_kwargs=extra)
+
+
+def test_a_failed_load_leaves_nothing_charged(tiny_family, monkeypatch):
+    # Running out of RAM half-way through binding a component: what was charged is refunded.
+    import vram
+    import vram.model
+    original, calls = vram.model._initial_base, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 40:
+            raise MemoryError("simulated: RAM ran out while loading")
+        return original(*args)
+    monkeypatch.setattr(vram.model, "_initial_base", failing)
+    before = dict(vram.get_manager().ledger())
+    with pytest.raises(MemoryError):
+        load_pipeline(tiny_family("sdxl"), preset_configs("basic"))
+    assert len(calls) == 40
+    assert dict(vram.get_manager().ledger()) == before and not vram.get_manager().models()

@@ -354,3 +354,46 @@ def test_auto_decides_runs_and_records_the_error(tiny_family, tmp_path):
     named = run(tiny_family("sdxl"), request, preset="disk", vram_limit=0, pipeline_kwargs=extra,
                 calibration=calibration)
     assert named.decision is None and named.outcome.preset == "disk"
+
+
+def test_step_down_follows_what_ran_out():
+    from presets.fallback import step_down
+    oom = torch.OutOfMemoryError("CUDA out of memory")
+    assert [step_down(p, oom) for p in ("basic", "cpu_offload", "fp8_offload", "dynamic")] == \
+        ["cpu_offload", "dynamic", "dynamic", "disk"]
+    assert step_down("dynamic", MemoryError()) == "fp8_offload" and step_down("disk", MemoryError()) is None
+
+
+def test_fallback_into_a_capped_preset_gets_a_cap(tiny_family):
+    request, extra = request_for("sdxl")
+    seen = []
+
+    def on_event(event):
+        if event.kind == "step" and not seen:
+            seen.append(event)
+            raise torch.OutOfMemoryError("simulated")
+    outcome = generate_with_fallback(tiny_family("sdxl"), request, "cpu_offload", on_event=on_event,
+                                     pipeline_kwargs=extra)
+    assert outcome.preset == "dynamic" and outcome.vram_limit == 0.0  # on the CPU: stream every layer
+
+
+def test_calibration_learns_from_raw_predictions(tiny_family, tmp_path):
+    from presets.auto import run
+    request, extra = request_for("sdxl")
+    calibration = Calibration(tmp_path / "c.json")
+    for _ in range(3):
+        run(tiny_family("sdxl"), request, preset="basic", pipeline_kwargs=extra, calibration=calibration)
+    ratios = [r["ratio"] for r in calibration.records]
+    assert max(ratios) - min(ratios) < 0.25 * min(ratios), ratios  # no flip-flop
+
+
+@pytest.mark.parametrize("components, message", [
+    ({"vae": {"computation_device": "cpu"}}, "needs a 'default' config"),
+    ({"default": {"computation_device": "cpu"}, "denoisr": {"computation_device": "cpu"}},
+     r"components.denoisr: not a component"),
+])
+def test_preset_component_keys_are_checked(tmp_path, monkeypatch, components, message):
+    monkeypatch.setenv("LOWVRAM_PRESETS_DIR", str(tmp_path))
+    (tmp_path / "odd.json").write_text(json.dumps({"components": components}))
+    with pytest.raises(PresetError, match=message):
+        load_preset("odd")
