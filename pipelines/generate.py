@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,10 +19,9 @@ import torch
 from vram import VramLimitError
 
 from .pipeline import Cancelled, Event, load_pipeline
-from .loading import family_of_folder
-from .registry import FAMILIES, get_family
+from .registry import FAMILIES
 from .request import GenerationRequest
-from .sources import SOURCES, DownloadError
+from .sources import SOURCES, DownloadError, locate
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,12 +69,6 @@ def _check_out(out: Path, family) -> None:
         raise ValueError(f"--out: {out.name} should end in {suffix} for {family.title} (or name a folder)")
 
 
-def _family_of(model: str):
-    if "/" in model or os.sep in model:
-        return family_of_folder(Path(model)) if Path(model).is_dir() else get_family(model)
-    return get_family(model)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
@@ -86,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps, guidance=args.guidance, seed=args.seed, batch=args.batch, frames=args.frames,
         fps=args.fps, vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing)
     try:
-        family = _family_of(args.model)
+        _, family = locate(args.model, args.models_dir)
         request.resolved(family, None)  # bad settings fail before any loading
         _check_out(Path(args.out), family)
         if args.preset == "auto" and (args.device or args.dtype):

@@ -10,7 +10,7 @@ family only says which of them to use.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 # The three phases of a text-to-image/video run, in order.
@@ -96,8 +96,6 @@ def _vae(parameters: int) -> Component:
     return Component("vae", "vae_decoding", parameters)
 
 
-_FLUX_COMPONENTS = (_text("text_encoder", 123_000_000, 768), _text("text_encoder_2", 4_762_000_000, 4096),
-                    _denoiser("transformer", 11_901_000_000, 3072), _vae(83_800_000))
 _WAN_TEXT = (_text("text_encoder", 5_681_000_000, 4096),)
 
 FAMILIES: dict[str, Family] = {f.key: f for f in (
@@ -121,17 +119,10 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family(
         key="flux.1-dev", title="FLUX.1-dev (12B)", pipeline_class="FluxPipeline",
         modelscope_id="black-forest-labs/FLUX.1-dev", huggingface_id="black-forest-labs/FLUX.1-dev",
-        components=_FLUX_COMPONENTS,
+        components=(_text("text_encoder", 123_000_000, 768), _text("text_encoder_2", 4_762_000_000, 4096),
+                    _denoiser("transformer", 11_901_000_000, 3072), _vae(83_800_000)),
         defaults={"steps": 28, "guidance": 3.5, "width": 1024, "height": 1024}, guidance_is_cfg=False,
         description="Guidance-distilled 12B MMDiT; guidance is an input, not CFG (one pass per step).",
-    ),
-    Family(
-        key="flux.1-schnell", title="FLUX.1-schnell (12B)", pipeline_class="FluxPipeline",
-        modelscope_id="black-forest-labs/FLUX.1-schnell", huggingface_id="black-forest-labs/FLUX.1-schnell",
-        components=_FLUX_COMPONENTS,
-        defaults={"steps": 4, "guidance": 0.0, "width": 1024, "height": 1024, "max_sequence_length": 256},
-        guidance_is_cfg=False,
-        description="Timestep-distilled FLUX: 4 steps.",
     ),
     Family(
         key="wan2.1-t2v-1.3b", title="Wan2.1 T2V 1.3B", pipeline_class="WanPipeline", kind="video",
@@ -140,14 +131,6 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
         defaults={"steps": 50, "guidance": 5.0, "width": 832, "height": 480, "frames": 81},
         frame_step=4, max_side=1280,
         description="Text to video, 480p; frames must be 4k+1.",
-    ),
-    Family(
-        key="wan2.1-t2v-14b", title="Wan2.1 T2V 14B", pipeline_class="WanPipeline", kind="video",
-        modelscope_id="Wan-AI/Wan2.1-T2V-14B-Diffusers", huggingface_id="Wan-AI/Wan2.1-T2V-14B-Diffusers",
-        components=_WAN_TEXT + (_denoiser("transformer", 14_289_000_000, 5120), _vae(126_900_000)),
-        defaults={"steps": 50, "guidance": 5.0, "width": 1280, "height": 720, "frames": 81},
-        frame_step=4, max_side=1280,
-        description="Text to video, 480p or 720p; frames must be 4k+1.",
     ),
     Family(
         key="sdxl", title="Stable Diffusion XL base 1.0", pipeline_class="StableDiffusionXLPipeline",
@@ -160,6 +143,29 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
         description="The 2.6B UNet classic, fp16 weights.",
     ),
 )}
+
+
+# Variants share everything but their ids, weights and defaults.
+for _base, _variant in (
+    ("flux.1-dev", dict(key="flux.1-schnell", title="FLUX.1-schnell (12B)",
+                        modelscope_id="black-forest-labs/FLUX.1-schnell",
+                        huggingface_id="black-forest-labs/FLUX.1-schnell",
+                        defaults={"steps": 4, "guidance": 0.0, "width": 1024, "height": 1024,
+                                  "max_sequence_length": 256},
+                        description="Timestep-distilled FLUX: 4 steps.")),
+    ("wan2.1-t2v-1.3b", dict(key="wan2.1-t2v-14b", title="Wan2.1 T2V 14B",
+                             modelscope_id="Wan-AI/Wan2.1-T2V-14B-Diffusers",
+                             huggingface_id="Wan-AI/Wan2.1-T2V-14B-Diffusers",
+                             components=_WAN_TEXT + (_denoiser("transformer", 14_289_000_000, 5120),
+                                                     _vae(126_900_000)),
+                             defaults={"steps": 50, "guidance": 5.0, "width": 1280, "height": 720, "frames": 81},
+                             description="Text to video, 480p or 720p; frames must be 4k+1.")),
+):
+    # Listed right after the family they vary.
+    _keys = list(FAMILIES)
+    _keys.insert(_keys.index(_base) + 1, _variant["key"])
+    FAMILIES[_variant["key"]] = replace(FAMILIES[_base], **_variant)
+    FAMILIES = {k: FAMILIES[k] for k in _keys}
 
 
 def register(family: Family) -> None:

@@ -35,6 +35,23 @@ def default_models_dir() -> Path:
     return Path(configured) if configured else Path(__file__).resolve().parents[1] / "models"
 
 
+def is_local(model: str | os.PathLike) -> bool:
+    """A path to a folder (anything with a separator), not a registry key."""
+    return isinstance(model, os.PathLike) or (isinstance(model, str) and ("/" in model or os.sep in model))
+
+
+def locate(model: str | os.PathLike, models_dir: str | os.PathLike | None = None) -> tuple[Path, Family]:
+    """Where ``model``'s files are or will be, and its family; no download, no file checks
+    beyond what naming the family needs. ``model`` is a registry key or a local folder."""
+    if is_local(model):
+        path = Path(model)
+        if not path.is_dir():
+            raise ModelFilesError(f"{path}: no such model folder")
+        return path, family_of_folder(path)
+    family = get_family(str(model))
+    return Path(models_dir or default_models_dir()) / family.key, family
+
+
 def resolve_model(model: str | os.PathLike, *, source: str = "modelscope", models_dir: str | os.PathLike | None = None,
                   progress: Progress | None = None) -> tuple[Path, Family]:
     """The folder holding ``model``'s files (downloading them if needed) and its family.
@@ -42,14 +59,9 @@ def resolve_model(model: str | os.PathLike, *, source: str = "modelscope", model
     ``model`` is a registry key or a path to a local diffusers folder."""
     if source not in SOURCES:
         raise ValueError(f"source: {source!r} is not one of {', '.join(SOURCES)}")
-    if isinstance(model, os.PathLike) or (isinstance(model, str) and ("/" in model or os.sep in model)):
-        path = Path(model)
-        if not path.is_dir():
-            raise ModelFilesError(f"{path}: no such model folder")
-        return path, family_of_folder(path)
-    family = get_family(str(model))
-    folder = Path(models_dir) if models_dir is not None else default_models_dir()
-    folder = folder / family.key
+    folder, family = locate(model, models_dir)
+    if is_local(model):
+        return folder, family
     if source == "local":
         if not folder.is_dir():
             raise ModelFilesError(f"{family.key}: no local copy in {folder}; download it with source='modelscope' "

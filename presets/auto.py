@@ -15,9 +15,8 @@ from typing import Callable
 
 import torch
 
-from pipelines import Event, GenerationRequest, get_family
-from pipelines.loading import family_of_folder
-from pipelines.sources import default_models_dir
+from pipelines import Event, GenerationRequest
+from pipelines.sources import is_local, locate
 from vram import monitor
 
 from .fallback import Outcome, generate_with_fallback
@@ -51,11 +50,7 @@ def run(model: str | Path, request: GenerationRequest, *, preset: str = "auto", 
         source: str = "modelscope", models_dir: str | Path | None = None,
         on_event: Callable[[Event], None] | None = None, cancel=None, pipeline_kwargs: dict | None = None,
         on_message: Callable[[str], None] | None = None, calibration: Calibration | None = None) -> AutoOutcome:
-    if isinstance(model, Path) or "/" in str(model):
-        folder, family = Path(model), family_of_folder(Path(model))
-    else:
-        family = get_family(str(model))
-        folder = Path(models_dir or default_models_dir()) / family.key
+    folder, family = locate(model, models_dir)
     request.resolved(family)  # bad settings fail before anything is probed or loaded
     calibration = calibration or Calibration()
     hardware = probe(folder)
@@ -74,12 +69,13 @@ def run(model: str | Path, request: GenerationRequest, *, preset: str = "auto", 
     on_gpu = hardware.has_gpu
     device = f"cuda:{max(hardware.gpus, key=lambda g: g.free_bytes).index}" if on_gpu else "cpu"
     dtype = None if on_gpu else torch.float32
-    local = isinstance(model, Path) or "/" in str(model)
+    local = is_local(model)
     outcome = generate_with_fallback(
         model if local else family.key, request, preset, vram_limit=vram_limit, device=device, dtype=dtype,
         on_event=on_event, cancel=cancel, pipeline_kwargs=pipeline_kwargs, on_message=on_message,
         load_options={} if local else {"source": source, "models_dir": models_dir})
-    sizes = footprint(family, folder)  # after a download the headers give the exact sizes
+    if not sizes.from_headers:
+        sizes = footprint(family, folder)  # downloaded during the run: the headers are exact
 
     def planned(scale: Calibration | None) -> Prediction:
         return predict(family, sizes, job, outcome.preset, on_gpu=on_gpu,

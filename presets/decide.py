@@ -9,11 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pathlib import Path
-
-from pipelines import GenerationRequest, get_family
-from pipelines.loading import family_of_folder
-from pipelines.sources import default_models_dir
+from pipelines import GenerationRequest
+from pipelines.sources import locate
 from vram import monitor
 from vram.config import parse_vram_limit
 
@@ -41,12 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if "/" in args.model:
-            folder = args.model
-            family = family_of_folder(folder)
-        else:
-            family = get_family(args.model)
-            folder = Path(args.models_dir or default_models_dir()) / family.key
+        folder, family = locate(args.model, args.models_dir)
         request = GenerationRequest(prompt="plan", width=args.width, height=args.height, frames=args.frames,
                                     batch=args.batch, guidance=args.guidance, vae_tiling=args.vae_tiling).resolved(family)
         vram_limit = parse_vram_limit(args.vram_limit)

@@ -71,7 +71,7 @@ class Prediction:
 
 
 def _size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def stored_bytes(component: ComponentSize, dtype: torch.dtype, compute: torch.dtype) -> int:

@@ -725,40 +725,43 @@ def release(model: torch.nn.Module) -> None:
     """Forget ``model``: free every copy the core holds for it (RAM, device, cache), close
     its weight files and unregister it. The model keeps its placeholders and cannot run
     again; use this when discarding a model, ``disable_vram_management`` to keep it."""
+    record = _unhook(model, "release")
+    with get_manager().lock:
+        for slot in record.slots:
+            slot._drop_base()
+    _forget(model, record)
+    record.drop_scratch()
+    if record.source is not None:
+        record.source.close()
+
+
+def _unhook(model: torch.nn.Module, what: str) -> ManagedModel:
+    """The first half of leaving management: no forward running, staged copies freed, hooks off."""
     record = managed(model)
-    manager = get_manager()
-    with manager.lock:
+    with get_manager().lock:
         if any(slot.users for slot in record.slots):
-            raise RuntimeError(f"{record.name}: cannot release during a forward")
+            raise RuntimeError(f"{record.name}: cannot {what} during a forward")
         for slot in record.slots:
             slot.clear()
-            slot._drop_base()
     for handle in record._handles:
         handle.remove()
     for layer in record.layers:
         layer.remove_hooks()
+    return record
+
+
+def _forget(model: torch.nn.Module, record: ManagedModel) -> None:
+    """The second half: the RAM cache dropped, the manager and the model no longer know it."""
     record.clear_cache()
-    record.drop_scratch()
-    manager.unregister(record)
-    if record.source is not None:
-        record.source.close()
+    get_manager().unregister(record)
     object.__delattr__(model, _MANAGED_ATTR)
 
 
 def disable_vram_management(model: torch.nn.Module) -> torch.nn.Module:
     """Make ``model`` a plain model again, with real Parameters at the computation placement."""
-    record = managed(model)
-    manager = get_manager()
-    with manager.lock:
-        if any(slot.users for slot in record.slots):
-            raise RuntimeError(f"{record.name}: cannot disable management during a forward")
-        for slot in record.slots:
-            slot.clear()
-    for handle in record._handles:
-        handle.remove()
+    record = _unhook(model, "disable management")
     params: dict[int, torch.nn.Parameter] = {}
     for layer in record.layers:
-        layer.remove_hooks()
         if "_apply" in layer.module.__dict__:
             del layer.module.__dict__["_apply"]
         for param_name, slot in layer.entries:
@@ -767,10 +770,8 @@ def disable_vram_management(model: torch.nn.Module) -> torch.nn.Module:
                 tensor = source.to(device=slot.config.computation.device, dtype=slot.config.computation.dtype)
                 params[id(slot)] = torch.nn.Parameter(tensor, requires_grad=False)
             layer.module._parameters[param_name] = params[id(slot)]
-    with manager.lock:
+    with get_manager().lock:
         for slot in record.slots:
             slot._drop_base()
-    record.clear_cache()
-    manager.unregister(record)
-    object.__delattr__(model, _MANAGED_ATTR)
+    _forget(model, record)
     return model
