@@ -232,7 +232,8 @@ class Calibration:
             self.records = []
 
     def record(self, preset: str, kind: str, predicted: int, measured: int, baseline: int = 0) -> float:
-        """Add one run; returns its error (measured / predicted - 1) on the predicted part."""
+        """Add one run (the ratio kept is on the part above ``baseline``); returns the error of the
+        whole peak, measured / predicted - 1, or 0.0 for a run that did not grow past the baseline."""
         predicted_part, measured_part = predicted - baseline, measured - baseline
         if predicted_part <= 0 or measured_part <= 0:
             return 0.0

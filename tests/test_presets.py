@@ -381,16 +381,27 @@ def test_fallback_into_a_capped_preset_gets_a_cap(tiny_family):
 def test_calibration_learns_from_raw_predictions(tiny_family, tmp_path):
     # Recording against an already-scaled prediction makes the factor chase its own
     # corrections (x2, then /2, ...): what is recorded must be measured / raw prediction.
+    # The recorded call is captured, not the file: a run whose RSS does not grow past the
+    # baseline (memory reused from the allocator) records nothing, which is right too.
     from presets.auto import run
     request, extra = request_for("sdxl")
     calibration = Calibration(tmp_path / "c.json")
     calibration.records = [{"preset": "basic", "kind": "ram", "ratio": 2.0}]
+    calls = []
+    calibration.record = lambda *args, **kwargs: calls.append(args) or 0.0
     outcome = run(tiny_family("sdxl"), request, preset="basic", pipeline_kwargs=extra, calibration=calibration)
     baseline = outcome.prediction.parts["baseline_ram"]
     scaled_part = outcome.prediction.peak_ram_bytes - baseline
-    measured_part = outcome.result.summary.peak_ram_bytes - baseline
-    recorded = calibration.records[-1]["ratio"]
-    assert recorded == pytest.approx(measured_part / (scaled_part / 2.0), rel=1e-6)
+    (preset, kind, predicted, measured, recorded_baseline), = [c for c in calls if c[1] == "ram"]
+    assert (preset, recorded_baseline, measured) == ("basic", baseline, outcome.result.summary.peak_ram_bytes)
+    assert predicted - baseline == pytest.approx(scaled_part / 2.0, abs=1)
+
+
+def test_calibration_skips_runs_that_did_not_grow(tmp_path):
+    calibration = Calibration(tmp_path / "c.json")
+    assert calibration.record("basic", "ram", 2000, 1000, baseline=1000) == 0.0 and calibration.records == []
+    assert calibration.record("basic", "ram", 2000, 1500, baseline=1000) == pytest.approx(-0.25)
+    assert calibration.factor("basic", "ram") == 0.5
 
 
 @pytest.mark.parametrize("components, message", [
