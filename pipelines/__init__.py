@@ -15,12 +15,13 @@ Imports vram/; never imported by it.
 
 from .loading import ModelFilesError
 from .pipeline import Cancelled, Event, ManagedPipeline, Result, RunSummary, load_pipeline
-from .registry import FAMILIES, PHASES, Component, Family, get_family, register
+from .registry import DEFAULT_MODEL, FAMILIES, PHASES, Component, Family, get_family, register
 from .request import GenerationRequest, RequestError
 from .sources import SOURCES, DownloadError, default_models_dir, download, resolve_model
+from . import tiny  # noqa: E402,F401  registers the built-in model (DEFAULT_MODEL)
 
 __all__ = [
     "ModelFilesError", "Cancelled", "Event", "ManagedPipeline", "Result", "RunSummary", "load_pipeline",
-    "FAMILIES", "PHASES", "Component", "Family", "get_family", "register", "GenerationRequest", "RequestError",
+    "DEFAULT_MODEL", "FAMILIES", "PHASES", "Component", "Family", "get_family", "register", "GenerationRequest", "RequestError",
     "SOURCES", "DownloadError", "default_models_dir", "download", "resolve_model",
 ]

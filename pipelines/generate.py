@@ -19,14 +19,16 @@ import torch
 from vram import VramLimitError
 
 from .pipeline import Cancelled, Event, load_pipeline
-from .registry import FAMILIES
+from .registry import DEFAULT_MODEL, FAMILIES
 from .request import GenerationRequest
 from .sources import SOURCES, DownloadError, locate
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipelines.generate", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help=f"one of {', '.join(FAMILIES)}, or a local diffusers folder")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"one of {', '.join(FAMILIES)}, or a local diffusers folder (default: {DEFAULT_MODEL}, "
+                             "the built-in model: no download)")
     parser.add_argument("--preset", default="auto",
                         help="auto (the decision tree on this machine's numbers) or a preset name (presets/builtin/)")
     parser.add_argument("--vram-limit", type=float, help="GiB of VRAM the run may use (dynamic and disk presets)")

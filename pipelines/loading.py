@@ -24,7 +24,7 @@ import torch
 
 import vram
 
-from .registry import PHASES, Component, Family, family_for_pipeline, get_family
+from .registry import FAMILIES, PHASES, Component, Family, family_for_pipeline, get_family
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,9 @@ def family_of_folder(folder: Path) -> Family:
     schnell share one class: the transformer's guidance input tells them apart)."""
     index = read_model_index(folder)
     class_name = index["_class_name"]
+    for family in FAMILIES.values():
+        if family.bundled is not None and family.bundled.resolve() == Path(folder).resolve():
+            return family
     if class_name == "FluxPipeline":
         config = _read_json(Path(folder) / "transformer" / "config.json")
         return get_family("flux.1-dev" if config.get("guidance_embeds", True) else "flux.1-schnell")

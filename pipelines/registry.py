@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Mapping
 
 # The three phases of a text-to-image/video run, in order.
@@ -50,6 +51,8 @@ class Family:
     frame_step: int | None = None
     fps: int = 16
     description: str = ""
+    # Files that ship with this project (the built-in model): used in place, never downloaded.
+    bundled: Path | None = None
 
     @property
     def weighted(self) -> tuple[str, ...]:
@@ -166,6 +169,11 @@ for _base, _variant in (
     _keys.insert(_keys.index(_base) + 1, _variant["key"])
     FAMILIES[_variant["key"]] = replace(FAMILIES[_base], **_variant)
     FAMILIES = {k: FAMILIES[k] for k in _keys}
+
+
+# The model the app and the command line use when none is named: the built-in tiny model
+# (pipelines/tiny/), which needs no download and runs on a CPU.
+DEFAULT_MODEL = "tiny-shapes"
 
 
 def register(family: Family) -> None:

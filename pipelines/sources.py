@@ -49,6 +49,8 @@ def locate(model: str | os.PathLike, models_dir: str | os.PathLike | None = None
             raise ModelFilesError(f"{path}: no such model folder")
         return path, family_of_folder(path)
     family = get_family(str(model))
+    if family.bundled is not None:
+        return family.bundled, family
     return Path(models_dir or default_models_dir()) / family.key, family
 
 
@@ -60,7 +62,7 @@ def resolve_model(model: str | os.PathLike, *, source: str = "modelscope", model
     if source not in SOURCES:
         raise ValueError(f"source: {source!r} is not one of {', '.join(SOURCES)}")
     folder, family = locate(model, models_dir)
-    if is_local(model):
+    if is_local(model) or family.bundled is not None:
         return folder, family
     if source == "local":
         if not folder.is_dir():

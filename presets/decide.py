@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines import GenerationRequest
+from pipelines import DEFAULT_MODEL, GenerationRequest
 from pipelines.sources import locate
 from vram import monitor
 from vram.config import parse_vram_limit
@@ -23,7 +23,8 @@ from .tree import decide
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m presets.decide", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="a registry key or a local diffusers folder")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"a registry key or a local diffusers folder (default: {DEFAULT_MODEL})")
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
     parser.add_argument("--frames", type=int, default=None)

@@ -1,0 +1,125 @@
+"""The built-in tiny model: its world, its training script, its files, and what it draws."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import diffusers
+from pipelines import DEFAULT_MODEL, get_family, load_pipeline
+from pipelines.loading import family_of_folder
+from pipelines.sources import locate, resolve_model
+from pipelines.tiny import FAMILY, MODEL_DIR, shapes, train
+from presets import list_presets, preset_configs
+
+# The pipeline equivalence runs 4 steps (the default 20 would only repeat them).
+STEPS = 4
+PROMPT = "a large yellow star on a purple background, top right"
+FP8_TOLERANCE = 0.06   # as for the other families (tests/test_pipelines.py)
+ADHERENCE_BAR = 0.8
+
+
+# -- the synthetic world -----------------------------------------------------------------------
+
+def test_the_judge_reads_back_every_kind_of_drawn_scene():
+    rng = random.Random(0)
+    scenes = shapes.training_scenes()
+    for scene in rng.sample(scenes, 600):
+        assert shapes.judge(shapes.render(scene, rng)).triple == scene.triple, scene
+
+
+def test_captions_round_trip_and_bad_ones_are_refused():
+    for scene in shapes.training_scenes()[::97]:
+        assert shapes.parse(shapes.caption(scene)) == scene
+    with pytest.raises(ValueError, match="not a caption"):
+        shapes.parse("a photo of a cat")
+    with pytest.raises(ValueError, match="unknown"):
+        shapes.parse("a small teal circle on a blue background, top left")
+
+
+def test_held_out_combinations_are_never_trained_on_and_cover_the_world():
+    held = shapes.held_out()
+    assert len(held) >= 20 and len(set(held)) == len(held)
+    assert not {s.triple for s in shapes.training_scenes()} & set(held)
+    assert {c for c, _, _ in held} == set(shapes.COLOURS) == {b for _, b, _ in held}
+    assert {p for _, _, p in held} == set(shapes.POSITIONS)
+    assert len(set(shapes.SHAPES)) >= 5 and len(shapes.COLOURS) >= 8
+
+
+def test_every_caption_word_is_one_token():
+    tokenizer = train.build_tokenizer()
+    for word in train._vocabulary_words():
+        assert len(tokenizer.tokenize(word)) == 1, word
+    ids = tokenizer("Héllo, wörld!").input_ids  # any text still tokenizes
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+
+
+# -- the training script -----------------------------------------------------------------------
+
+def test_training_is_seeded_and_writes_a_loadable_pipeline(tmp_path):
+    first = train.train(tmp_path / "a", train.Settings.smoke())
+    second = train.train(tmp_path / "b", train.Settings.smoke())
+    weights = sorted(p.relative_to(first) for p in first.rglob("*.safetensors"))
+    assert [p.parent.name for p in weights] == ["text_encoder", "text_encoder_2", "unet", "vae"]
+    for path in weights:
+        assert (first / path).read_bytes() == (second / path).read_bytes(), path
+    family = family_of_folder(first)  # a copy elsewhere is an ordinary SDXL folder
+    assert family.key == "sdxl"
+    with load_pipeline(first, preset_configs("basic")) as pipe:
+        result = pipe.generate(prompt=PROMPT, steps=2, width=128, height=128, seed=0)
+    assert result.images.shape == (1, 128, 128, 3)
+
+
+# -- the shipped model -------------------------------------------------------------------------
+
+def test_the_shipped_model_is_the_default_and_small():
+    assert DEFAULT_MODEL == FAMILY.key and get_family(DEFAULT_MODEL) is FAMILY
+    assert locate(DEFAULT_MODEL) == (MODEL_DIR, FAMILY)
+    assert resolve_model(DEFAULT_MODEL, source="huggingface") == (MODEL_DIR, FAMILY)  # never downloaded
+    assert family_of_folder(MODEL_DIR) is FAMILY
+    weights = sum(p.stat().st_size for p in MODEL_DIR.rglob("*.safetensors"))
+    assert weights <= 40 * 2**20
+    assert FAMILY.defaults["width"] >= 128 and FAMILY.defaults["height"] >= 128
+
+
+@pytest.fixture(scope="module")
+def plain_image():
+    """diffusers' own pipeline on the shipped files (weights copied out of the memory map, as
+    in test_pipelines.reference, so kernels see aligned tensors like the core's)."""
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(MODEL_DIR, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            for param in component.parameters():
+                param.data = param.data.clone()
+    out = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=FAMILY.defaults["guidance"], output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    return np.asarray(out.images, np.float32)
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_draws_what_the_plain_pipeline_draws(plain_image, preset):
+    with load_pipeline(DEFAULT_MODEL, preset_configs(preset, vram_limit=0)) as pipe:
+        result = pipe.generate(prompt=PROMPT, steps=STEPS, seed=0)
+    assert result.images.shape == plain_image.shape == (1, 128, 128, 3)
+    if preset.startswith("fp8"):
+        assert np.abs(result.images - plain_image).max() <= FP8_TOLERANCE
+    else:
+        assert np.array_equal(result.images, plain_image)
+
+
+def test_prompt_adherence_on_held_out_combinations():
+    """For every held-out (colour, background, position), the image drawn at the default
+    settings shows them, judged by pixel statistics, in at least 80% of the captions."""
+    scenes = train.held_out_scenes()
+    assert len(scenes) >= 20
+    misses = []
+    with load_pipeline(DEFAULT_MODEL, preset_configs("basic")) as pipe:
+        for scene in scenes:
+            image = pipe.generate(prompt=shapes.caption(scene), seed=0).images[0]
+            seen = shapes.judge(image)
+            if seen.triple != scene.triple:
+                misses.append((shapes.caption(scene), seen.triple))
+    adherence = 1 - len(misses) / len(scenes)
+    assert adherence >= ADHERENCE_BAR, f"adherence {adherence:.0%}; missed: {misses}"
