@@ -38,6 +38,10 @@ class Decision:
         return "\n".join(self.explanation)
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
 def _gib(n: int | float) -> str:
     return f"{n / GIB:.1f} GiB"
 
@@ -51,7 +55,7 @@ def decide(hardware: Hardware, family: Family, footprint: Footprint, job: Job, *
     available = [n for n in TREE_ORDER if n in files.list_presets()]
     gpu = max(hardware.gpus, key=lambda g: g.free_bytes) if hardware.gpus else None
     ram_budget = int(hardware.ram_available_bytes * (1 - RAM_MARGIN)) + baseline_ram
-    lines = [f"model {family.title}: {footprint.total_parameters() / 1e9:.2f} B parameters"
+    lines = [f"model {family.title}: {_count(footprint.total_parameters())} parameters"
              + (" (sizes from the files)" if footprint.from_headers else " (sizes from the registry)")]
     if gpu is None:
         device = "cpu"
