@@ -4,6 +4,9 @@ run with fallback, and record how far the prediction was from what was measured.
     from presets.auto import run
     outcome = run("flux.1-schnell", GenerationRequest(prompt="a fox"), preset="auto")
     print(outcome.decision.describe(), outcome.result.summary.describe(), outcome.errors)
+
+``run`` is ``plan_run`` (everything before a weight moves) then ``execute``; the app calls
+the two apart, to show the plan while the run goes.
 """
 
 from __future__ import annotations
@@ -15,14 +18,14 @@ from typing import Callable
 
 import torch
 
-from pipelines import Event, GenerationRequest
+from pipelines import Event, Family, GenerationRequest
 from pipelines.sources import is_local, locate
 from vram import monitor
 
-from .fallback import Outcome, generate_with_fallback
-from .footprint import footprint
+from .fallback import Loader, Outcome, generate_with_fallback
+from .footprint import Footprint, footprint
 from .planner import Calibration, Job, Prediction, predict
-from .probe import probe
+from .probe import Hardware, probe
 from .tree import Decision, decide
 
 
@@ -38,6 +41,31 @@ class AutoOutcome:
         return self.outcome.result
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """What ``plan_run`` settled: the machine, the model's sizes, the job and the preset."""
+
+    folder: Path
+    family: Family
+    hardware: Hardware
+    sizes: Footprint
+    job: Job
+    baseline_ram: int                          # bytes of RSS before the run
+    decision: Decision | None                  # None when the user named the preset
+    preset: str
+    vram_limit: float | None                   # GiB, as given or as the tree derived it
+    device: str
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.hardware.has_gpu
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The computation dtype the run uses (None: the preset's machine default)."""
+        return None if self.on_gpu else torch.float32
+
+
 def job_of(family, request: GenerationRequest) -> Job:
     d = family.defaults
     guidance = request.guidance if request.guidance is not None else d.get("guidance", 0.0)
@@ -46,48 +74,77 @@ def job_of(family, request: GenerationRequest) -> Job:
                request.batch, cfg=family.guidance_is_cfg and guidance > 1, vae_tiling=request.vae_tiling)
 
 
-def run(model: str | Path, request: GenerationRequest, *, preset: str = "auto", vram_limit: float | None = None,
-        source: str = "modelscope", models_dir: str | Path | None = None,
-        on_event: Callable[[Event], None] | None = None, cancel=None, pipeline_kwargs: dict | None = None,
-        on_message: Callable[[str], None] | None = None, calibration: Calibration | None = None) -> AutoOutcome:
-    folder, family = locate(model, models_dir)
-    request.resolved(family)  # bad settings fail before anything is probed or loaded
-    calibration = calibration or Calibration()
-    hardware = probe(folder)
+def usable_hardware(folder: str | Path | None = None, *, nvml=None) -> Hardware:
+    """``probe``, minus a GPU that this torch cannot use (then the run is on the CPU)."""
+    hardware = probe(folder, nvml=nvml)
     if hardware.has_gpu and not torch.cuda.is_available():
-        # The GPU is there but this torch cannot use it: decide for the CPU it will run on.
         hardware = dataclasses.replace(hardware, gpus=(), gpu_status=(
             f"{hardware.gpus[0].name} found, but this torch build has no CUDA; install the CUDA build of torch"))
+    return hardware
+
+
+def plan_run(model: str | Path, request: GenerationRequest, *, preset: str = "auto",
+             vram_limit: float | None = None, models_dir: str | Path | None = None,
+             calibration: Calibration | None = None, hardware: Hardware | None = None) -> RunPlan:
+    """Everything before a weight moves: bad settings fail here (RequestError, naming the
+    field), then the machine is probed and, for "auto", the tree decides preset and cap."""
+    folder, family = locate(model, models_dir)
+    request.resolved(family)  # bad settings fail before anything is probed or loaded
+    hardware = hardware or usable_hardware(folder)
     sizes = footprint(family, folder)
     job = job_of(family, request)
     baseline = monitor.current_rss()
     decision = None
     if preset == "auto":
         decision = decide(hardware, family, sizes, job, baseline_ram=baseline, vram_limit=vram_limit,
-                          calibration=calibration)
+                          calibration=calibration or Calibration())
         preset, vram_limit = decision.preset, decision.vram_limit
-    on_gpu = hardware.has_gpu
-    device = f"cuda:{max(hardware.gpus, key=lambda g: g.free_bytes).index}" if on_gpu else "cpu"
-    dtype = None if on_gpu else torch.float32
+    device = f"cuda:{max(hardware.gpus, key=lambda g: g.free_bytes).index}" if hardware.has_gpu else "cpu"
+    return RunPlan(folder, family, hardware, sizes, job, baseline, decision, preset, vram_limit, device)
+
+
+def execute(plan: RunPlan, model: str | Path, request: GenerationRequest, *, source: str = "modelscope",
+            models_dir: str | Path | None = None, on_event: Callable[[Event], None] | None = None, cancel=None,
+            pipeline_kwargs: dict | None = None, on_message: Callable[[str], None] | None = None,
+            calibration: Calibration | None = None, loader: Loader | None = None,
+            progress: Callable[[str, int, int], None] | None = None) -> AutoOutcome:
+    """Run ``plan`` with fallback, then compare the measured peaks with the planner's and
+    record the ratio. ``loader`` supplies the pipeline (default: a fresh one per run);
+    ``progress(file, done, total)`` hears a download."""
+    calibration = calibration or Calibration()
     local = is_local(model)
+    load_options = {} if local else {"source": source, "models_dir": models_dir}
+    if progress is not None:
+        load_options["progress"] = progress
     outcome = generate_with_fallback(
-        model if local else family.key, request, preset, vram_limit=vram_limit, device=device, dtype=dtype,
-        on_event=on_event, cancel=cancel, pipeline_kwargs=pipeline_kwargs, on_message=on_message,
-        load_options={} if local else {"source": source, "models_dir": models_dir})
-    if not sizes.from_headers:
-        sizes = footprint(family, folder)  # downloaded during the run: the headers are exact
+        model if local else plan.family.key, request, plan.preset, vram_limit=plan.vram_limit, device=plan.device,
+        dtype=plan.dtype, on_event=on_event, cancel=cancel, pipeline_kwargs=pipeline_kwargs, on_message=on_message,
+        load_options=load_options, loader=loader)
+    sizes = plan.sizes if plan.sizes.from_headers else footprint(plan.family, plan.folder)  # exact once downloaded
 
     def planned(scale: Calibration | None) -> Prediction:
-        return predict(family, sizes, job, outcome.preset, on_gpu=on_gpu,
-                       dtype=torch.bfloat16 if on_gpu else torch.float32, vram_limit=outcome.vram_limit,
-                       baseline_ram=baseline, calibration=scale)
+        return predict(plan.family, sizes, plan.job, outcome.preset, on_gpu=plan.on_gpu,
+                       dtype=torch.bfloat16 if plan.on_gpu else torch.float32, vram_limit=outcome.vram_limit,
+                       baseline_ram=plan.baseline_ram, calibration=scale)
     prediction, raw = planned(calibration), planned(None)
     summary = outcome.result.summary
     # Errors of the calibrated prediction; the file learns from the raw one (else it would
     # chase its own corrections).
     errors = {"ram": summary.peak_ram_bytes / prediction.peak_ram_bytes - 1}
-    calibration.record(outcome.preset, "ram", raw.peak_ram_bytes, summary.peak_ram_bytes, baseline)
+    calibration.record(outcome.preset, "ram", raw.peak_ram_bytes, summary.peak_ram_bytes, plan.baseline_ram)
     if prediction.peak_vram_bytes and summary.peak_vram_bytes:
         errors["vram"] = summary.peak_vram_bytes / prediction.peak_vram_bytes - 1
         calibration.record(outcome.preset, "vram", raw.peak_vram_bytes, summary.peak_vram_bytes)
-    return AutoOutcome(outcome, decision, prediction, errors)
+    return AutoOutcome(outcome, plan.decision, prediction, errors)
+
+
+def run(model: str | Path, request: GenerationRequest, *, preset: str = "auto", vram_limit: float | None = None,
+        source: str = "modelscope", models_dir: str | Path | None = None,
+        on_event: Callable[[Event], None] | None = None, cancel=None, pipeline_kwargs: dict | None = None,
+        on_message: Callable[[str], None] | None = None, calibration: Calibration | None = None,
+        loader: Loader | None = None) -> AutoOutcome:
+    calibration = calibration or Calibration()
+    plan = plan_run(model, request, preset=preset, vram_limit=vram_limit, models_dir=models_dir,
+                    calibration=calibration)
+    return execute(plan, model, request, source=source, models_dir=models_dir, on_event=on_event, cancel=cancel,
+                   pipeline_kwargs=pipeline_kwargs, on_message=on_message, calibration=calibration, loader=loader)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import psutil
 import torch
@@ -33,6 +33,30 @@ RAM_FLOOR = 256 * 2**20   # bytes of available RAM under which a run is stopped
 
 class RamExhausted(MemoryError):
     """System RAM was about to run out during a run."""
+
+
+class Loader(Protocol):
+    """Where a run's pipeline comes from and where it goes after: ``acquire`` loads (or
+    reuses) a pipeline for ``model`` with ``configs``; ``release`` hands it back with the
+    error the run ended with (None after success). A loader must free the pipeline's memory
+    when released after running out of memory, since the retry needs it."""
+
+    def acquire(self, model, configs, **options): ...
+
+    def release(self, pipe, error: BaseException | None) -> None: ...
+
+
+@dataclass
+class FreshLoads:
+    """The plain loader: a new pipeline per run, closed after it."""
+
+    load: Callable = load_pipeline
+
+    def acquire(self, model, configs, **options):
+        return self.load(model, configs, **options)
+
+    def release(self, pipe, error: BaseException | None) -> None:
+        pipe.close()
 
 
 @dataclass
@@ -80,9 +104,13 @@ def generate_with_fallback(model, request: GenerationRequest, preset: str, *, vr
                            on_event: Callable[[Event], None] | None = None, cancel=None,
                            load: Callable = load_pipeline, load_options: dict | None = None,
                            pipeline_kwargs: dict | None = None, ram_floor: int = RAM_FLOOR,
-                           on_message: Callable[[str], None] | None = None) -> Outcome:
+                           on_message: Callable[[str], None] | None = None,
+                           loader: Loader | None = None) -> Outcome:
     """Generate ``request`` with ``model`` under ``preset``; on running out of memory, retry
-    once with the next preset of the tree. ``on_message`` hears what happened and why."""
+    once with the next preset of the tree. ``on_message`` hears what happened and why.
+    ``loader`` supplies the pipeline (default: ``load`` a fresh one and close it after the
+    run; ``presets.cache.PipelineCache`` keeps it for the next run)."""
+    loader = loader or FreshLoads(load)
     messages: list[str] = []
 
     def say(text: str) -> None:
@@ -98,11 +126,17 @@ def generate_with_fallback(model, request: GenerationRequest, preset: str, *, vr
             if limit is None and load_preset(current).uses_vram_limit:
                 limit = derived_limit(device)
             configs = preset_configs(current, vram_limit=limit, device=device, dtype=dtype)
-            pipe = load(model, configs, **(load_options or {}))
+            pipe = loader.acquire(model, configs, **(load_options or {}))
             result = pipe.generate(request, on_event=_ram_guard(on_event, ram_floor), cancel=cancel,
                                    pipeline_kwargs=pipeline_kwargs)
+            loader.release(pipe, None)
+            pipe = None
             return Outcome(result, current, messages, limit)
         except BaseException as error:
+            if pipe is not None:
+                # Released before the retry loads anything: a loader frees an OOM'd pipeline.
+                loader.release(pipe, error)
+                pipe = None
             if not out_of_memory(error) or attempt == 2:
                 raise
             fallback = step_down(current, error)
@@ -112,8 +146,6 @@ def generate_with_fallback(model, request: GenerationRequest, preset: str, *, vr
                 f"memory released, retrying once with {fallback}")
             current = fallback
         finally:
-            if pipe is not None:
-                pipe.close()
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
