@@ -104,6 +104,12 @@ class PipelineCache:
             log.info("loaded %s in %.2f s (kept for the next run)", model, self._info.load_seconds)
             return pipe
 
+    def holds(self, model, configs, options: Mapping[str, Any] | None = None) -> bool:
+        """Whether ``acquire`` with these arguments would reuse the kept pipeline."""
+        key = self.key(model, configs, options or {})
+        with self._lock:
+            return self._pipe is not None and self._key == key and self._pipe.pipe is not None
+
     def release(self, pipe, error: BaseException | None) -> None:
         """After a run: keep ``pipe`` unless the run failed for a reason other than a cancel
         or a bad setting (out of memory above all: the next attempt needs the memory)."""

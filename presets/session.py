@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath
 from typing import Any, Callable, Mapping
 
@@ -29,9 +29,11 @@ import vram
 from pipelines import Event, Family, FAMILIES, GenerationRequest, ModelFilesError, RequestError, registry
 from pipelines.loading import check_config_keys, config_for, family_of_folder
 from pipelines.sources import default_models_dir, locate
+from vram import monitor
 
 from .auto import AutoOutcome, RunPlan, execute, plan_run, usable_hardware
 from .cache import PipelineCache
+from .fallback import derived_limit
 from .files import PresetError, Preset, list_presets, load_preset, preset_configs
 from .planner import GIB, Calibration, Prediction, predict
 from .probe import Hardware
@@ -78,6 +80,7 @@ class SessionPlan:
     decision: object                           # presets.tree.Decision, always computed (for the explanation)
     predictions: dict[str, Prediction]         # every preset, plus "custom" when given
     configs: dict[str, dict] | None = None     # the user's own configs ("custom")
+    table_cap: float | None = None             # GiB: the cap the predictions table assumes
 
     @property
     def preset(self) -> str:
@@ -156,8 +159,9 @@ class Session:
         return sorted(p.name for p in self.models_dir.iterdir()
                       if p.is_dir() and p.name not in FAMILIES and (p / "model_index.json").is_file())
 
-    def models(self) -> list[ModelChoice]:
-        """Every model the user may pick: the default first, then local folders, then the registry."""
+    def models(self, first: str | None = None) -> list[ModelChoice]:
+        """Every model the user may pick: ``first`` (default: the default model) first, then
+        local folders, then the registry."""
         choices = []
         for name in self.local_models():
             try:
@@ -165,8 +169,8 @@ class Session:
             except RequestError as error:
                 log.warning("skipping %s: %s", name, error)
         choices += [self.resolve_model(key) for key in FAMILIES]
-        default = self.default_model()
-        return sorted(choices, key=lambda c: c.name != default)
+        first = first or self.default_model()
+        return sorted(choices, key=lambda c: c.name != first)
 
     def default_model(self) -> str:
         """The registry's built-in default (``pipelines.registry.DEFAULT_MODEL``) when it
@@ -289,15 +293,22 @@ class Session:
         # The table's cap is the tree's: the user's, else free VRAM minus the margin (0 on a CPU).
         cap = limit if limit is not None else (
             max(0.0, (max(g.free_bytes for g in hardware.gpus) - VRAM_MARGIN) / GIB) if hardware.gpus else 0.0)
-        predictions = dict(decision.predictions)
-        for name in list_presets():
-            if name not in predictions:
-                predictions[name] = self._predict(run_plan, name, cap)
-        if custom is not None:
-            predictions[CUSTOM] = self._predict(run_plan, _custom_preset(custom), limit)
-        plan = SessionPlan(choice, resolved, preset, run_plan, decision, predictions, custom)
+        plan = SessionPlan(choice, resolved, preset, run_plan, decision, {}, custom, cap)
+        plan = replace(plan, predictions=self._predictions(plan, run_plan, fresh_decision=True))
         self._check_fits(plan)
         return plan
+
+    def _predictions(self, plan: SessionPlan, run_plan: RunPlan, *, fresh_decision: bool) -> dict[str, Prediction]:
+        """Every preset's peaks under the table's cap (the decision's own, when it was just made
+        with this baseline), plus the user's configs."""
+        predictions = dict(plan.decision.predictions) if fresh_decision else {}
+        for name in list_presets():
+            if name not in predictions:
+                predictions[name] = self._predict(run_plan, name, plan.table_cap)
+        if plan.configs is not None:
+            limits = [c["vram_limit"] for c in plan.configs.values() if c.get("vram_limit") is not None]
+            predictions[CUSTOM] = self._predict(run_plan, _custom_preset(plan.configs), min(limits) if limits else None)
+        return predictions
 
     def _predict(self, run_plan: RunPlan, preset: Preset | str, vram_limit: float | None) -> Prediction:
         return predict(run_plan.family, run_plan.sizes, run_plan.job, preset, on_gpu=run_plan.on_gpu,
@@ -330,11 +341,7 @@ class Session:
         """The 8-key config of every component the run will use, as plain data (dtypes by
         name): the user's own for "custom", else the preset's on this machine."""
         family = plan.choice.family
-        if plan.configs is not None:
-            per_component = plan.configs
-        else:
-            per_component = preset_configs(plan.preset, vram_limit=plan.vram_limit, device=plan.run_plan.device,
-                                           dtype=plan.run_plan.dtype)
+        _, per_component, _ = self._load_args(plan)
         out = {}
         for component in family.components:
             config = config_for(per_component, component).to_dict()
@@ -343,11 +350,41 @@ class Session:
         return out
 
     # -- running ---------------------------------------------------------------------------------
+    def _load_args(self, plan: SessionPlan) -> tuple[str, dict, dict]:
+        """(model, configs, load options) of the pipeline the run's first attempt loads, as
+        ``presets.fallback`` builds them."""
+        choice = plan.choice
+        options = {} if choice.local else {"source": self.source, "models_dir": self.models_dir}
+        model = choice.model if choice.local else choice.family.key
+        if plan.configs is not None:
+            return model, {k: vram.VramConfig.from_dict(v) for k, v in plan.configs.items()}, options
+        limit = plan.vram_limit
+        if limit is None and load_preset(plan.preset).uses_vram_limit:
+            limit = derived_limit(plan.run_plan.device)
+        return model, preset_configs(plan.preset, vram_limit=limit, device=plan.run_plan.device,
+                                     dtype=plan.run_plan.dtype), options
+
+    def prepare(self, plan: SessionPlan) -> SessionPlan:
+        """Just before a run (on the thread that will run it): close the kept pipeline if the
+        run will not reuse it, and re-measure the RAM baseline the predictions stand on. A
+        reused pipeline's weights are already in the RSS: the baseline leaves them out, as the
+        planner counts them."""
+        model, configs, options = self._load_args(plan)
+        reused = self.cache.holds(model, configs, options)
+        if not reused:
+            self.cache.close()
+        rss = monitor.current_rss()
+        kept = plan.prediction.parts.get("weights_in_ram", 0) if reused else 0
+        run_plan = replace(plan.run_plan, baseline_ram=max(0, rss - kept))
+        plan = replace(plan, run_plan=run_plan)
+        return replace(plan, predictions=self._predictions(plan, run_plan, fresh_decision=False))
+
     def generate(self, plan: SessionPlan, *, on_event: Callable[[Event], None] | None = None, cancel=None,
                  on_message: Callable[[str], None] | None = None,
                  progress: Callable[[str, int, int], None] | None = None) -> RunOutcome:
-        """Run ``plan`` on the kept pipeline (loading it when model or configs changed).
-        Named presets and "auto" step down once on out-of-memory; "custom" does not."""
+        """Run ``plan`` (after ``prepare``) on the kept pipeline, loading it when model or
+        configs changed. Named presets and "auto" step down once on out-of-memory; "custom"
+        does not."""
         loads_before = self.cache.loads
         if plan.configs is not None:
             outcome = self._generate_custom(plan, on_event, cancel)
@@ -362,9 +399,8 @@ class Session:
         return outcome
 
     def _generate_custom(self, plan: SessionPlan, on_event, cancel) -> RunOutcome:
-        configs = {k: vram.VramConfig.from_dict(v) for k, v in plan.configs.items()}
-        options = {} if plan.choice.local else {"source": self.source, "models_dir": self.models_dir}
-        pipe = self.cache.acquire(plan.choice.model, configs, **options)
+        model, configs, options = self._load_args(plan)
+        pipe = self.cache.acquire(model, configs, **options)
         try:
             result = pipe.generate(plan.request, on_event=on_event, cancel=cancel)
         except BaseException as error:

@@ -57,3 +57,22 @@ def tiny_family(tmp_path_factory):
             built[name] = families.build_family(name, root / name)
         return built[name]
     return get
+
+
+@pytest.fixture(scope="session")
+def app_server(tiny_family, tmp_path_factory):
+    """``python app.py`` serving on a free port, with the tiny SDXL pipeline as the local model
+    ``tiny-sdxl`` (see app_harness.py); shared by the app's tests, stopped at the end."""
+    from app_harness import AppServer
+    server = AppServer(tmp_path_factory.mktemp("app"), tiny_family("sdxl"))
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def app_client(app_server):
+    from gradio_client import Client
+    return Client(app_server.url, verbose=False)
