@@ -5,7 +5,7 @@ to draw one coloured shape on a coloured background where the caption says.
     with load_pipeline("tiny-shapes", presets.preset_configs("basic")) as pipe:
         pipe.generate(prompt="a large yellow star on a purple background, top right").save("out/")
 
-Its files (``model/``, about 22 MB of .safetensors) ship with the project and go through the
+Its files (``model/``, about 18 MB of .safetensors) ship with the project and go through the
 same registry and loader as every downloaded family. ``shapes.py`` is its world (captions,
 drawing, judging an image by its pixels); ``train.py`` makes the model from nothing.
 """
@@ -23,7 +23,7 @@ FAMILY = Family(
     components=(Component("text_encoder", "text_encoding", 142_912, 64),
                 Component("text_encoder_2", "text_encoding", 147_008, 64),
                 Component("unet", "denoising", 4_260_068, 128),
-                Component("vae", "vae_decoding", 687_663)),
+                Component("vae", "vae_decoding", 71_559)),
     defaults={"steps": 20, "guidance": 4.0, "width": 128, "height": 128},
     size_multiple=8, max_side=512, bundled=MODEL_DIR,
     description="Trained here on drawn shapes; no download, runs on a CPU. Prompts like "

@@ -319,15 +319,30 @@ def held_out_scenes() -> list[shapes.Scene]:
             for i, (c, b, p) in enumerate(shapes.held_out())]
 
 
-def train(out: Path, settings: Settings) -> Path:
+def load_components(folder: Path) -> dict:
+    """A written model's components, to train further (``--resume``)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    return {name: pipe.components[name] for name in
+            ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae", "scheduler")}
+
+
+def train(out: Path, settings: Settings, *, resume: Path | None = None) -> Path:
+    """Train (from nothing, or the denoiser further from the model in ``resume``, its
+    autoencoder kept) and write the model to ``out``."""
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
-    components = build_components(settings.seed)
     pool = shapes.training_scenes()
     started = time.perf_counter()
-    train_vae(components["vae"], settings, pool)
+    if resume is None:
+        components = build_components(settings.seed)
+        train_vae(components["vae"], settings, pool)
+    else:
+        components = load_components(resume)
     latents, captions = encode_scenes(components["vae"], settings, pool)
-    components["vae"].register_to_config(scaling_factor=float(1.0 / latents.std()))
+    if resume is None:
+        components["vae"].register_to_config(scaling_factor=float(1.0 / latents.std()))
     log.info("latents: %s, scaling factor %.4f (%.0f s)", tuple(latents.shape),
              components["vae"].config.scaling_factor, time.perf_counter() - started)
     unet, text_encoder, text_encoder_2 = train_denoiser(components, latents, captions, settings)
@@ -345,11 +360,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-check", action="store_true", help="do not measure adherence afterwards")
+    parser.add_argument("--resume", type=Path, help="train the denoiser of this written model further")
+    parser.add_argument("--steps", type=int, help="denoiser steps (default 4500)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     settings = Settings.smoke() if args.smoke else Settings.quick() if args.quick else Settings()
     settings.seed, settings.threads = args.seed, args.threads
-    folder = train(args.out, settings)
+    if args.steps is not None:
+        settings.steps = args.steps
+    folder = train(args.out, settings, resume=args.resume)
     if not args.skip_check:
         print(f"held-out adherence: {adherence(folder, settings):.0%}")
 
