@@ -66,7 +66,11 @@ def gpu_task(fn: Callable) -> Callable:
     return spaces.GPU(fn)
 
 
-def _run_session(session: Session, plan: SessionPlan, **callbacks) -> RunOutcome:
+def _run_session(session: Session, plan: SessionPlan, on_plan: Callable[[SessionPlan], None],
+                 **callbacks) -> RunOutcome:
+    """The GPU's part of a job: make room and re-measure the baseline, then run."""
+    plan = session.prepare(plan)
+    on_plan(plan)
     return session.generate(plan, **callbacks)
 
 
@@ -119,6 +123,11 @@ class Job:
         self.started = self.clock()
         self.state = JobState.LOADING
         self.bands.append(Band("loading", 0.0))
+        self._touch()
+
+    def on_plan(self, plan: SessionPlan) -> None:
+        """The plan as prepared for the run (its predictions on the baseline measured then)."""
+        self.plan = plan
         self._touch()
 
     def on_event(self, event: Event) -> None:
@@ -248,7 +257,7 @@ class GpuRunner:
             return
         job.mark_started()
         try:
-            outcome = _run_on_gpu(self.session, job.plan, on_event=job.on_event, cancel=job.cancel,
+            outcome = _run_on_gpu(self.session, job.plan, job.on_plan, on_event=job.on_event, cancel=job.cancel,
                                   on_message=job.on_message, progress=job.on_download)
             files = outcome.result.save(self.outputs)
             # The files hold the pixels now; the job history must not keep them in RAM.
