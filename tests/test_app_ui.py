@@ -75,7 +75,8 @@ def test_a_job_turns_pipeline_events_into_phase_bands_and_steps():
     assert job.progress() == (0.0, "waiting for the GPU")
     job.mark_started()
     for t, event in ((0.5, Event("run_start", 0.0)), (0.5, Event("phase_start", 0.0, "text_encoding")),
-                     (1.0, Event("phase_start", 0.5, "denoising", total=2)), (1.5, Event("step", 1.0, "denoising", 1, 2)),
+                     (1.0, Event("phase_start", 0.5, "denoising", total=2)),
+                     (1.5, Event("step", 1.0, "denoising", 1, 2)),
                      (2.0, Event("step", 1.5, "denoising", 2, 2)), (2.0, Event("phase_end", 1.5, "denoising")),
                      (2.2, Event("phase_start", 1.7, "vae_decoding")), (2.5, Event("run_end", 2.0))):
         now[0] = t
@@ -123,7 +124,8 @@ def test_the_runner_runs_one_job_at_a_time_and_cancels_queued_ones_at_once(tmp_p
     assert second.state is JobState.QUEUED and runner.busy() and runner.running() is first
     assert runner.cancel("you") == 1
     wait_until(lambda: second.finished, timeout=30, what="the queued job to end")
-    assert second.state is JobState.CANCELLED and "before it started" in second.error and first.state is JobState.RUNNING
+    assert second.state is JobState.CANCELLED and "before it started" in second.error
+    assert first.state is JobState.RUNNING
     session.release.set()
     wait_until(lambda: first.finished, timeout=30, what="the first job to end")
     assert first.state is JobState.DONE and first.files == [tmp_path / "image.png"]
@@ -186,7 +188,8 @@ def test_downsampling_keeps_a_short_peak():
 
 def test_the_timeline_csv_has_every_reading_with_its_phase(tmp_path):
     samples = [sample(10 + i * 0.5, G + i) for i in range(6)]
-    path = charts.write_timeline_csv(tmp_path / "t.csv", samples, 10.0, [Band("loading", 0, 1), Band("denoising", 1, 2)])
+    bands = [Band("loading", 0, 1), Band("denoising", 1, 2)]
+    path = charts.write_timeline_csv(tmp_path / "t.csv", samples, 10.0, bands)
     rows = list(csv.DictReader(open(path)))
     assert len(rows) == 6 and rows[0]["seconds"] == "0.000" and rows[-1]["rss_bytes"] == str(G + 5)
     assert [r["phase"] for r in rows] == ["loading", "loading", "loading", "denoising", "denoising", ""]
@@ -194,7 +197,26 @@ def test_the_timeline_csv_has_every_reading_with_its_phase(tmp_path):
 
 
 def test_compare_curves_overlay_one_line_per_preset():
-    curves = {"basic": ([sample(i, G) for i in range(3)], 0.0), "disk": ([sample(10 + i, G // 2) for i in range(3)], 10.0)}
+    curves = {"basic": ([sample(i, G) for i in range(3)], 0.0),
+              "disk": ([sample(10 + i, G // 2) for i in range(3)], 10.0)}
     spec = charts.compare_chart(curves, "rss_bytes", "RSS").to_dict()
     assert {row["preset"] for row in spec["datasets"][spec["data"]["name"]]} == {"basic", "disk"}
     assert charts.compare_chart(curves, "device_used_bytes", "GPU") is None
+
+
+# -- app.py ---------------------------------------------------------------------------------
+
+def test_the_command_line_serves_localhost_by_default(monkeypatch):
+    import app
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    args = app._parser().parse_args([])
+    assert (args.host, args.port, args.share, args.auth, args.preset) == ("127.0.0.1", 7860, False, None, "auto")
+    args = app._parser().parse_args(["--share", "--auth", "ana:s3cret:x", "--model", "sdxl", "--models-dir", "m"])
+    assert args.share and args.auth == ("ana", "s3cret:x") and args.model == "sdxl" and args.models_dir == "m"
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")       # a Space sets these
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7861")
+    args = app._parser().parse_args([])
+    assert (args.host, args.port) == ("0.0.0.0", 7861)
+    with pytest.raises(SystemExit):
+        app._parser().parse_args(["--auth", "nopassword"])

@@ -51,6 +51,7 @@ class Marks:
     predicted_ram_bytes: int | None = None
     start: float = -PRE_ROLL_S             # the x axis, seconds on the job's clock
     end: float | None = None               # where an open band ends: the job's "now"
+    x_title: str = "seconds since the job started"
     notes: list[str] = field(default_factory=list)
 
 
@@ -121,13 +122,11 @@ def _line_layers(lines: list[tuple[str, int]]) -> list[alt.Chart]:
         return []
     frame = pd.DataFrame([{"GiB": round(value / GIB, 4), "line": name, "text": f"{name} {value / GIB:.2f} GiB"}
                           for name, value in lines])
-    rule = alt.Chart(frame).mark_rule(strokeDash=[6, 4], strokeWidth=1.5).encode(
-        y="GiB:Q", color=alt.Color("line:N", scale=alt.Scale(domain=list(LINE_COLORS), range=list(LINE_COLORS.values())),
-                                   legend=None))
+    color = alt.Color("line:N", scale=alt.Scale(domain=list(LINE_COLORS), range=list(LINE_COLORS.values())),
+                      legend=None)
+    rule = alt.Chart(frame).mark_rule(strokeDash=[6, 4], strokeWidth=1.5).encode(y="GiB:Q", color=color)
     text = alt.Chart(frame).mark_text(align="right", baseline="bottom", dx=-2, dy=-2, fontSize=10).encode(
-        y="GiB:Q", x=alt.value("width"), text="text:N",
-        color=alt.Color("line:N", scale=alt.Scale(domain=list(LINE_COLORS), range=list(LINE_COLORS.values())),
-                        legend=None))
+        y="GiB:Q", x=alt.value("width"), text="text:N", color=color)
     return [rule, text]
 
 
@@ -136,7 +135,7 @@ def _panel(samples, origin: float, series: dict[str, str], marks: Marks, lines: 
     curves = _curves(samples, origin, series)
     layers = _band_layers(marks, end)
     layers.append(alt.Chart(curves).mark_line(strokeWidth=2, interpolate="step-after").encode(
-        x=alt.X("seconds:Q", title="seconds since the job started", scale=alt.Scale(domain=[marks.start, end], nice=False)),
+        x=alt.X("seconds:Q", title=marks.x_title, scale=alt.Scale(domain=[marks.start, end], nice=False)),
         y=alt.Y("GiB:Q", title="GiB", scale=alt.Scale(zero=True)),
         color=_color("series", SERIES_COLORS, None, curves["series"]),
         tooltip=["series:N", "seconds:Q", alt.Tooltip("GiB:Q", format=".3f")]))
@@ -182,7 +181,8 @@ def compare_chart(curves: dict[str, tuple[Sequence[MemorySample], float]], field
         return None
     frame = pd.DataFrame(rows)
     return alt.Chart(frame).mark_line(strokeWidth=2, interpolate="step-after").encode(
-        x=alt.X("seconds:Q", title="seconds since each run started"), y=alt.Y("GiB:Q", title="GiB"),
+        x=alt.X("seconds:Q", title="seconds since each run started"),
+        y=alt.Y("GiB:Q", title="GiB", scale=alt.Scale(zero=False)),   # the presets differ by little
         color=alt.Color("preset:N", legend=alt.Legend(orient="bottom")),
         tooltip=["preset:N", "seconds:Q", alt.Tooltip("GiB:Q", format=".3f")],
     ).properties(title=title, width="container", height=260)

@@ -13,7 +13,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import gradio as gr
 
@@ -314,7 +314,7 @@ class AppHandlers:
         if running is not None and running.started is not None:
             shift = running.started - now   # the job's clock onto this chart's (0 = now)
             bands = [Band(b.phase, b.start + shift, None if b.end is None else b.end + shift) for b in running.bands]
-        marks = charts.Marks(bands=bands, start=-seconds, end=0.0)
+        marks = charts.Marks(bands=bands, start=-seconds, end=0.0, x_title="seconds (0 is now)")
         gpu = charts.gpu_chart(samples, now, marks, title="GPU memory, last minute")
         ram = charts.ram_chart(samples, now, marks, title="RAM, last minute")
         busy = f"running {running.id} ({present.status_line(running)})" if running is not None else "idle"

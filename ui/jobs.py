@@ -116,8 +116,10 @@ class Job:
             self._changed.notify_all()
 
     def now(self) -> float:
-        """Seconds since the job got the GPU (0 before)."""
-        return 0.0 if self.started is None else self.clock() - self.started
+        """Seconds since the job got the GPU (0 before; its whole length once it ended)."""
+        if self.started is None:
+            return 0.0
+        return (self.finished_at if self.finished_at is not None else self.clock()) - self.started
 
     def mark_started(self) -> None:
         self.started = self.clock()

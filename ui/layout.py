@@ -150,7 +150,7 @@ def build_blocks(handlers: AppHandlers) -> gr.Blocks:
 
         run_outputs = [status, caption, gpu_plot, ram_plot, gallery, video, summary, timeline]
         run = gr.on([generate_btn.click, prompt.submit], handlers.generate, inputs=job_fields, outputs=run_outputs,
-                    show_progress_on=[gallery], api_name="generate_ui", **GPU, **PRIVATE)
+                    show_progress_on=[gallery, video], api_name="generate_ui", **GPU, **PRIVATE)
         cancel_btn.click(handlers.cancel, outputs=[status, caption, gpu_plot, ram_plot, summary, timeline],
                          cancels=[run], concurrency_id="control", api_name="cancel_ui", **FREE, **PRIVATE)
         unload_btn.click(handlers.unload, outputs=status, api_name="unload", **GPU)

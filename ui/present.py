@@ -22,7 +22,8 @@ def hardware_card(hardware: Hardware, sampler_status: str) -> str:
     lines = ["### This machine"]
     if hardware.gpus:
         for gpu in hardware.gpus:
-            lines.append(f"- **GPU {gpu.index}** {gpu.name}: {gib(gpu.free_bytes, 1)} free of {gib(gpu.total_bytes, 1)}")
+            lines.append(f"- **GPU {gpu.index}** {gpu.name}: {gib(gpu.free_bytes, 1)} free "
+                         f"of {gib(gpu.total_bytes, 1)}")
     else:
         lines.append(f"- **No GPU**: {hardware.gpu_status}. Runs compute on the CPU.")
     lines.append(f"- **RAM**: {gib(hardware.ram_available_bytes, 1)} available of {gib(hardware.ram_total_bytes, 1)}")
@@ -123,23 +124,23 @@ def summary_dict(job: Job) -> dict[str, Any]:
                    predicted_peak_vram_bytes=outcome.prediction.peak_vram_bytes,
                    predicted_peak_ram_bytes=outcome.prediction.peak_ram_bytes, prediction_errors=outcome.errors,
                    seconds_with_loading=round(job.now(), 3),
-                   phases=[{"phase": b.phase, "start": round(b.start, 3), "end": None if b.end is None else round(b.end, 3)}
-                           for b in job.bands])
+                   phases=[{"phase": b.phase, "start": round(b.start, 3),
+                            "end": None if b.end is None else round(b.end, 3)} for b in job.bands])
     return out
 
 
-COMPARE_HEADERS = ["preset", "status", "time (s)", "s/step", "peak VRAM (GiB)", "cap respected", "peak RAM (GiB)",
-                   "predicted peak RAM (GiB)", "to device (GiB)", "read from disk (GiB)"]
+COMPARE_HEADERS = ["preset", "status", "time (s)", "with loading (s)", "s/step", "peak VRAM (GiB)", "cap respected",
+                   "peak RAM (GiB)", "predicted peak RAM (GiB)", "to device (GiB)", "read from disk (GiB)"]
 
 
 def compare_row(job: Job) -> list[Any]:
     label = job.label or job.plan.preset
     if job.outcome is None:
-        return [label, job.state.value if not job.error else f"{job.state.value}: {job.error}"] + [""] * 8
+        return [label, job.state.value if not job.error else f"{job.state.value}: {job.error}"] + [""] * 9
     summary, prediction = job.outcome.result.summary, job.outcome.prediction
     cap = {None: "no cap", True: "yes", False: "NO"}[summary.within_cap]
     return [job.outcome.preset if job.outcome.preset == label else f"{label} → {job.outcome.preset}", "done",
-            round(summary.seconds, 2),
+            round(summary.seconds, 2), round(job.now(), 2),
             None if summary.seconds_per_step is None else round(summary.seconds_per_step, 3),
             None if summary.peak_vram_bytes is None else round(summary.peak_vram_bytes / GIB, 3), cap,
             round(summary.peak_ram_bytes / GIB, 3), round(prediction.peak_ram_bytes / GIB, 3),
