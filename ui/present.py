@@ -46,7 +46,7 @@ def plan_markdown(plan: SessionPlan) -> str:
     return f"{head}\n\n{how} {chosen}\n\n{reasons}"
 
 
-PREDICTION_HEADERS = ["preset", "predicted peak VRAM (GiB)", "predicted peak RAM (GiB)", "this run"]
+PREDICTION_HEADERS = ["preset", "peak VRAM (GiB)", "peak RAM (GiB)", "chosen"]
 
 
 def prediction_rows(plan: SessionPlan) -> list[list[Any]]:
