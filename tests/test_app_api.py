@@ -155,3 +155,22 @@ def test_plan_and_memory_answer_while_a_generation_runs(app_client):
     assert app_client.predict(api_name="/cancel")["cancelled"] == 1
     with pytest.raises(AppError, match="cancelled"):
         job.result(timeout=120)
+
+
+def test_gpu_work_waits_in_one_queue_and_sees_its_place(app_server, app_client):
+    from gradio_client import Client
+    from gradio_client.utils import Status
+    other = Client(app_server.url, verbose=False)              # a second user
+    first = app_client.submit(prompt=PROMPT, **{**TINY_JOB, "steps": 1000}, api_name="/generate")
+    wait_until(lambda: (app_client.predict(api_name="/status")["running"] or {}).get("step", 0) >= 1,
+               timeout=120, what="the first run to start")
+    second = other.submit(prompt=PROMPT, **TINY_JOB, api_name="/generate")
+    waiting = wait_until(lambda: (lambda s: s if s.code == Status.IN_QUEUE and s.rank is not None else None)(
+        second.status()), timeout=60, what="the second request to be queued")
+    assert waiting.rank == 0                                   # next in line, told so
+    assert app_client.predict(api_name="/status")["running"]["step"] < 1000
+    app_client.predict(api_name="/cancel")
+    with pytest.raises(AppError, match="cancelled"):
+        first.result(timeout=120)
+    _, summary = second.result(timeout=120)
+    assert summary["state"] == "done"

@@ -37,12 +37,15 @@ def fill(driver, elem_id: str, value) -> None:
 
 
 def test_the_page_generates_and_draws_the_memory_graph(app_server, browser, tmp_path):
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as seen
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(app_server.url)
-    wait = WebDriverWait(browser, 120, poll_frequency=0.2)
+    # The page re-renders what it updates: an element found a moment ago may be gone.
+    wait = WebDriverWait(browser, 120, poll_frequency=0.2,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))
     wait.until(seen.element_to_be_clickable((By.CSS_SELECTOR, "#generate")))
     # The plan appears on load: the decision tree's choice for the model the server opened with.
     wait.until(lambda d: "decision tree chose" in d.find_element(By.CSS_SELECTOR, "#plan").text)
@@ -62,3 +65,14 @@ def test_the_page_generates_and_draws_the_memory_graph(app_server, browser, tmp_
     assert "s/step" in summary and "moved host → device" in summary
     shot = Path(tmp_path) / "app.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+
+    # Bad input: the page says what is wrong, and the next good run is served.
+    fill(browser, "width", 33)
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    wait.until(lambda d: d.find_elements(By.XPATH, "//*[contains(text(), 'width: 33 is not a multiple of 8')]"))
+    first_image = browser.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src")
+    fill(browser, "width", 64)
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src") != first_image
+               and "Done in" in d.find_element(By.CSS_SELECTOR, "#status").text)
+    assert "reused (already loaded)" in browser.find_element(By.CSS_SELECTOR, "#summary").text

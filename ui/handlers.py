@@ -11,7 +11,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -117,7 +117,7 @@ class AppHandlers:
         (this runs on every change)."""
         inputs = self.ui_inputs(*fields)
         if not (isinstance(inputs.prompt, str) and inputs.prompt.strip()):
-            inputs = JobInputs(**{**inputs.__dict__, "prompt": "plan"})  # no prompt yet: plan anyway
+            inputs = replace(inputs, prompt="plan")  # no prompt yet: plan anyway
         try:
             plan = make_plan(self.session, inputs)
         except ValueError as error:
@@ -217,7 +217,7 @@ class AppHandlers:
     def _cancel_and_wait(self, owner: str | None, timeout: float = 60.0) -> list[Job]:
         """Cancel ``owner``'s unfinished jobs and wait (at most ``timeout`` s) for them to stop:
         a run stops at its next step, so this is about one step's time."""
-        jobs = [j for j in self.runner.jobs(owner) if not j.finished]
+        jobs = [j for j in self.runner.jobs(owner) if not j.finished] if owner is not None else []
         for job in jobs:
             job.cancel.set()
         deadline = time.monotonic() + timeout

@@ -287,7 +287,9 @@ class GpuRunner:
             return next((j for j in self._jobs.values() if j.state in (JobState.LOADING, JobState.RUNNING)), None)
 
     def cancel(self, owner: str | None) -> int:
-        """Cancel every unfinished job of ``owner``; how many."""
+        """Cancel every unfinished job of ``owner`` (None: nobody's, not everybody's); how many."""
+        if owner is None:
+            return 0
         jobs = [j for j in self.jobs(owner) if not j.finished]
         for job in jobs:
             job.cancel.set()
