@@ -4,7 +4,7 @@ reuse the loaded pipeline.
     session = Session(models_dir="models")
     plan = session.plan("sdxl", GenerationRequest(prompt="a fox"), preset="auto")
     print(plan.describe())                      # the tree, and every preset's predicted peaks
-    outcome = session.generate(plan, on_event=print)
+    outcome = session.generate(session.prepare(plan), on_event=print)   # loads, or reuses
     session.close()
 
 Everything a user types is checked here, before anything loads, and refused with a
@@ -37,7 +37,7 @@ from .fallback import derived_limit
 from .files import PresetError, Preset, list_presets, load_preset, preset_configs
 from .planner import GIB, Calibration, Prediction, predict
 from .probe import Hardware
-from .tree import VRAM_MARGIN, decide
+from .tree import VRAM_MARGIN, Decision, decide
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class SessionPlan:
     request: GenerationRequest                 # resolved: every default filled in
     preset_asked: str                          # "auto", a preset name or "custom"
     run_plan: RunPlan                          # the preset and cap the run will use
-    decision: object                           # presets.tree.Decision, always computed (for the explanation)
+    decision: Decision                         # always made (for the explanation), even for a named preset
     predictions: dict[str, Prediction]         # every preset, plus "custom" when given
     configs: dict[str, dict] | None = None     # the user's own configs ("custom")
     table_cap: float | None = None             # GiB: the cap the predictions table assumes

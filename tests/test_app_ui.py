@@ -2,6 +2,7 @@
 jobs (events to phase bands, the GPU runner), charts (bands, caps, peaks kept) and the CSV."""
 
 import csv
+import sys
 import threading
 import types
 
@@ -220,3 +221,16 @@ def test_the_command_line_serves_localhost_by_default(monkeypatch):
     assert (args.host, args.port) == ("0.0.0.0", 7861)
     with pytest.raises(SystemExit):
         app._parser().parse_args(["--auth", "nopassword"])
+
+
+def test_gpu_work_runs_under_spaces_gpu_when_the_package_is_there(monkeypatch):
+    from ui.jobs import gpu_task
+    calls = []
+    fake = types.ModuleType("spaces")
+    fake.GPU = lambda fn: (lambda *args, **kwargs: calls.append(args) or fn(*args, **kwargs))
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    wrapped = gpu_task(lambda x: x * 2)
+    assert wrapped(21) == 42 and calls == [(21,)]
+    monkeypatch.setitem(sys.modules, "spaces", None)          # not installed: the function itself
+    plain = lambda x: x  # noqa: E731
+    assert gpu_task(plain) is plain

@@ -169,7 +169,10 @@ class AppHandlers:
     def _caption(self, job: Job) -> str:
         parts = []
         if not self.sampler.has_nvml:
-            parts.append(f"No NVML ({self.sampler.nvml_status}): GPU memory is not drawn, RAM only.")
+            samples, _ = self._samples(job)
+            parts.append(f"No NVML ({self.sampler.nvml_status}): " + (
+                "the GPU graph shows torch's own counters only." if charts.has_gpu_readings(samples)
+                else "GPU memory is not drawn, RAM only."))
         if not job.plan.hardware.has_gpu:
             limit = job.plan.vram_limit
             parts.append("Computing on the CPU: the device is RAM" + (
@@ -250,7 +253,7 @@ class AppHandlers:
 
     def unload(self) -> str:
         """Close the kept pipeline (frees its memory; the next run loads again)."""
-        return "Unloaded the model" if self.session.unload() else "No model was loaded"
+        return "Unloaded the model" if self.runner.unload() else "No model was loaded"
 
     # -- comparison ------------------------------------------------------------------------------
     @user_errors

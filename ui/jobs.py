@@ -295,5 +295,10 @@ class GpuRunner:
             job.cancel.set()
         return len(jobs)
 
+    def unload(self) -> bool:
+        """Close the session's kept pipeline once no job holds the GPU; True if one was loaded."""
+        with self._gpu:
+            return self.session.unload()
+
     def busy(self) -> bool:
         return self._gpu.locked()
