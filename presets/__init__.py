@@ -8,6 +8,9 @@ computation device and dtype of this machine, so one file serves a GPU and a CPU
     from presets import preset_configs
     configs = preset_configs("disk", vram_limit=6)     # {"default": {...}, "vae": {...}}
 
+For an app, ``presets.session.Session`` checks what users type, plans every preset and runs
+jobs on a kept pipeline (``presets.cache.PipelineCache``: load once, generate many).
+
 Imports pipelines/ and vram/; never imported by them.
 """
 
