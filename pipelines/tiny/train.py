@@ -16,7 +16,8 @@ Stages, all seeded (same seed, same machine and thread count: the same files):
    they have unit variance, as SDXL's ``scaling_factor`` does;
 3. the UNet and both text encoders together, v-prediction on a zero-terminal-SNR schedule
    (a flat background is a very low-frequency image; with the usual schedule the model
-   cannot choose its mean colour), 10% of captions dropped to zeros for classifier-free
+   cannot choose its mean colour), the loss weighted toward the shape (else it learns the
+   backgrounds only), 10% of captions dropped to zeros for classifier-free
    guidance (SDXL's pipeline encodes an empty negative prompt as zeros), and an
    exponential moving average of the weights, which is what gets saved;
 4. the adherence on the held-out combinations, printed.
@@ -59,6 +60,8 @@ class Settings:
     lr: float = 5e-4
     warmup: int = 200
     caption_dropout: float = 0.1
+    shape_weight: float = 10.0    # extra loss weight where the shape is (see _shape_weights)
+    stop_after: int | None = None  # end the denoiser's schedule of `steps` early, after this many
     ema_decay: float = 0.999
     guidance: float = 4.0         # the default, used for the printed adherence
     inference_steps: int = 20
@@ -234,7 +237,20 @@ def _time_ids(batch: int) -> torch.Tensor:
         batch, 1)
 
 
-def train_denoiser(components: dict, latents: torch.Tensor, captions: list[str], settings: Settings):
+def _shape_weights(x0: torch.Tensor, shape_weight: float) -> torch.Tensor:
+    """Per latent pixel loss weights, averaging 1 per image: ``1 + shape_weight`` where the
+    latent differs from the image's background (its median), else 1. The shape covers a few
+    percent of the image; unweighted, the background's error drowns where the shape is and
+    what colour, and the model learns backgrounds only."""
+    background = x0.flatten(2).median(dim=2).values[:, :, None, None]
+    # The first three channels are the thumbnail (see train_vae); the free fourth has edge effects.
+    shape = ((x0 - background)[:, :3].abs().amax(dim=1, keepdim=True) > 0.3).float()
+    weights = 1 + shape_weight * shape
+    return weights / weights.mean(dim=(2, 3), keepdim=True)
+
+
+def train_denoiser(components: dict, latents: torch.Tensor, captions: list[str], settings: Settings,
+                   deadline: float | None = None):
     """Trains the UNet and both text encoders; returns their moving averages (what is saved)."""
     from diffusers import DDPMScheduler
 
@@ -250,6 +266,12 @@ def train_denoiser(components: dict, latents: torch.Tensor, captions: list[str],
     started = time.perf_counter()
     running = None
     for step in range(settings.steps):
+        if settings.stop_after is not None and step >= settings.stop_after:
+            break
+        if deadline is not None and time.perf_counter() > deadline:
+            log.warning("time is up after %d of %d steps; writing what there is", step, settings.steps)
+            settings.stop_after = step  # recorded in training.json: --stop-after repeats this run
+            break
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, settings.steps, settings.warmup, settings.lr)
         index = torch.randint(0, len(latents), (settings.batch,), generator=generator)
@@ -265,7 +287,7 @@ def train_denoiser(components: dict, latents: torch.Tensor, captions: list[str],
         prediction = components["unet"](noisy, t, encoder_hidden_states=text,
                                         added_cond_kwargs={"text_embeds": pooled,
                                                            "time_ids": _time_ids(settings.batch)}).sample
-        loss = F.mse_loss(prediction, target)
+        loss = (_shape_weights(x0, settings.shape_weight) * (prediction - target) ** 2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -328,9 +350,10 @@ def load_components(folder: Path) -> dict:
             ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae", "scheduler")}
 
 
-def train(out: Path, settings: Settings, *, resume: Path | None = None) -> Path:
+def train(out: Path, settings: Settings, *, resume: Path | None = None, minutes: float | None = None) -> Path:
     """Train (from nothing, or the denoiser further from the model in ``resume``, its
-    autoencoder kept) and write the model to ``out``."""
+    autoencoder kept) and write the model to ``out``. ``minutes`` bounds the denoiser's
+    training (the learning-rate schedule keeps its planned length)."""
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     pool = shapes.training_scenes()
@@ -345,7 +368,8 @@ def train(out: Path, settings: Settings, *, resume: Path | None = None) -> Path:
         components["vae"].register_to_config(scaling_factor=float(1.0 / latents.std()))
     log.info("latents: %s, scaling factor %.4f (%.0f s)", tuple(latents.shape),
              components["vae"].config.scaling_factor, time.perf_counter() - started)
-    unet, text_encoder, text_encoder_2 = train_denoiser(components, latents, captions, settings)
+    deadline = started + 60 * minutes if minutes is not None else None
+    unet, text_encoder, text_encoder_2 = train_denoiser(components, latents, captions, settings, deadline)
     components.update(unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
     write(components, out, settings)
     log.info("wrote %s (%.0f s in all)", out, time.perf_counter() - started)
@@ -362,13 +386,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-check", action="store_true", help="do not measure adherence afterwards")
     parser.add_argument("--resume", type=Path, help="train the denoiser of this written model further")
     parser.add_argument("--steps", type=int, help="denoiser steps (default 4500)")
+    parser.add_argument("--max-minutes", type=float, help="stop the denoiser's training after this long in all")
+    parser.add_argument("--stop-after", type=int, help="stop the denoiser's schedule after this many steps")
+    parser.add_argument("--shape-weight", type=float, help="extra loss weight where the shape is (default 10)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     settings = Settings.smoke() if args.smoke else Settings.quick() if args.quick else Settings()
     settings.seed, settings.threads = args.seed, args.threads
     if args.steps is not None:
         settings.steps = args.steps
-    folder = train(args.out, settings, resume=args.resume)
+    settings.stop_after = args.stop_after
+    if args.shape_weight is not None:
+        settings.shape_weight = args.shape_weight
+    folder = train(args.out, settings, resume=args.resume, minutes=args.max_minutes)
     if not args.skip_check:
         print(f"held-out adherence: {adherence(folder, settings):.0%}")
 
