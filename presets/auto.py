@@ -85,15 +85,17 @@ def usable_hardware(folder: str | Path | None = None, *, nvml=None) -> Hardware:
 
 def plan_run(model: str | Path, request: GenerationRequest, *, preset: str = "auto",
              vram_limit: float | None = None, models_dir: str | Path | None = None,
-             calibration: Calibration | None = None, hardware: Hardware | None = None) -> RunPlan:
+             calibration: Calibration | None = None, hardware: Hardware | None = None,
+             baseline_ram: int | None = None) -> RunPlan:
     """Everything before a weight moves: bad settings fail here (RequestError, naming the
-    field), then the machine is probed and, for "auto", the tree decides preset and cap."""
+    field), then the machine is probed and, for "auto", the tree decides preset and cap.
+    ``baseline_ram``: this process's RSS without what the run will replace (default: now)."""
     folder, family = locate(model, models_dir)
     request.resolved(family)  # bad settings fail before anything is probed or loaded
     hardware = hardware or usable_hardware(folder)
     sizes = footprint(family, folder)
     job = job_of(family, request)
-    baseline = monitor.current_rss()
+    baseline = monitor.current_rss() if baseline_ram is None else baseline_ram
     decision = None
     if preset == "auto":
         decision = decide(hardware, family, sizes, job, baseline_ram=baseline, vram_limit=vram_limit,

@@ -20,7 +20,7 @@ import vram
 from pipelines import Event, GenerationRequest, Result, load_pipeline
 
 from .files import load_preset, preset_configs
-from .tree import VRAM_MARGIN, next_preset
+from .tree import cap_from_free, next_preset
 
 # After the GPU ran out: presets that need less VRAM, in order (fp8_offload onloads whole
 # models, so a capped layer-level preset is the step down from it).
@@ -85,7 +85,7 @@ def derived_limit(device: str | None) -> float:
     (0, "stream every layer", on the CPU)."""
     if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return max(0.0, (free - VRAM_MARGIN) / 2**30)
+        return cap_from_free(free)
     return 0.0
 
 

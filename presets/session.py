@@ -37,7 +37,7 @@ from .fallback import derived_limit
 from .files import PresetError, Preset, list_presets, load_preset, preset_configs
 from .planner import GIB, Calibration, Prediction, predict
 from .probe import Hardware
-from .tree import VRAM_MARGIN, Decision, decide
+from .tree import Decision, cap_from_free, decide
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,17 @@ class Session:
             raise RequestError(f"model: {name!r} is outside the models directory ({root}); pick a model "
                                f"from the list or put its folder there")
         folder = root / path
-        if not (folder / "model_index.json").is_file():
+        if len(name) > 1024:
+            raise RequestError(f"model: a name of {len(name)} characters is not a model; pick one from the list")
+        try:
+            inside = folder.resolve().is_relative_to(root)  # a symlink in the folder may point anywhere
+            has_index = (folder / "model_index.json").is_file()
+        except OSError as error:
+            raise RequestError(f"model: {name[:80]!r} cannot be a model folder ({error.strerror})") from None
+        if not inside:
+            raise RequestError(f"model: {name!r} leads outside the models directory ({root}); pick a model "
+                               f"from the list or put its folder there")
+        if not has_index:
             close = ", ".join(self.local_models() + list(FAMILIES))
             raise RequestError(f"unknown model {name!r}: not a registry model, nor a model folder in {root}; "
                                f"known models: {close}")
@@ -280,23 +290,38 @@ class Session:
         preset = self.check_preset(preset, configs)
         custom = self.parse_configs(configs, choice.family) if preset == CUSTOM else None
         resolved = request.resolved(choice.family)
-        hardware = usable_hardware(choice.folder, nvml=self.nvml)
+        hardware, kept_host_bytes = self._without_kept_pipeline(usable_hardware(choice.folder, nvml=self.nvml))
         limit = self.check_vram_limit(vram_limit, hardware)
         if custom is not None:
             limits = [c["vram_limit"] for c in custom.values() if c.get("vram_limit") is not None]
             limit = self.check_vram_limit(min(limits), hardware) if limits else None
         run_plan = plan_run(choice.model, resolved, preset=preset, vram_limit=limit, models_dir=self.models_dir,
-                            calibration=self.calibration, hardware=hardware)
+                            calibration=self.calibration, hardware=hardware,
+                            baseline_ram=max(0, monitor.current_rss() - kept_host_bytes))
         decision = run_plan.decision or decide(hardware, choice.family, run_plan.sizes, run_plan.job,
                                                baseline_ram=run_plan.baseline_ram, vram_limit=limit,
                                                calibration=self.calibration)
         # The table's cap is the tree's: the user's, else free VRAM minus the margin (0 on a CPU).
         cap = limit if limit is not None else (
-            max(0.0, (max(g.free_bytes for g in hardware.gpus) - VRAM_MARGIN) / GIB) if hardware.gpus else 0.0)
+            cap_from_free(max(g.free_bytes for g in hardware.gpus)) if hardware.gpus else 0.0)
         plan = SessionPlan(choice, resolved, preset, run_plan, decision, {}, custom, cap)
         plan = replace(plan, predictions=self._predictions(plan, run_plan, fresh_decision=True))
         self._check_fits(plan)
         return plan
+
+    def _without_kept_pipeline(self, hardware: Hardware) -> tuple[Hardware, int]:
+        """The machine as the next run will find it: the kept pipeline is either reused or
+        closed first, so the VRAM its weights hold counts as free, and the RAM they hold is
+        left out of the baseline (else a kept ``basic`` pipeline would push the tree to a lower
+        preset, which closes it, and the next plan back up: a reload every run). Returns the
+        adjusted hardware and the kept host bytes."""
+        if self.cache.info is None:
+            return hardware, 0
+        devices = vram.stats()["devices"]
+        held = {d: v["resident_bytes"] for d, v in devices.items()}
+        gpus = tuple(replace(g, free_bytes=min(g.total_bytes, g.free_bytes + held.get(f"cuda:{g.index}", 0)))
+                     for g in hardware.gpus)
+        return replace(hardware, gpus=gpus), held.get("cpu", 0)
 
     def _predictions(self, plan: SessionPlan, run_plan: RunPlan, *, fresh_decision: bool) -> dict[str, Prediction]:
         """Every preset's peaks under the table's cap (the decision's own, when it was just made

@@ -9,6 +9,7 @@ the explanation lists each branch with its numbers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -66,9 +67,9 @@ def decide(hardware: Hardware, family: Family, footprint: Footprint, job: Job, *
     else:
         device = f"cuda:{gpu.index}"
         free_vram = gpu.free_bytes
-        cap = vram_limit if vram_limit is not None else max(0.0, (free_vram - VRAM_MARGIN) / GIB)
-        lines.append(f"GPU {gpu.index} {gpu.name}: {_gib(free_vram)} free; vram_limit {cap:.1f} GiB"
-                     + (" (yours)" if vram_limit is not None else " (free minus 0.5 GiB)"))
+        cap = vram_limit if vram_limit is not None else cap_from_free(free_vram)
+        lines.append(f"GPU {gpu.index} {gpu.name}: {_gib(free_vram)} free; vram_limit {cap:g} GiB"
+                     + (" (yours)" if vram_limit is not None else " (free minus 0.5 GiB, rounded down to a quarter)"))
     lines.append(f"RAM: {_gib(hardware.ram_available_bytes)} available")
 
     predictions = {}
@@ -95,8 +96,15 @@ def decide(hardware: Hardware, family: Family, footprint: Footprint, job: Job, *
         chosen = "disk" if "disk" in available else available[-1]
         lines.append(f"nothing fits with margin: {chosen}, the most frugal; expect swapping or an error")
     limit = cap if files.load_preset(chosen).uses_vram_limit else None
-    lines.append(f"-> {chosen}" + (f", vram_limit {limit:.1f} GiB" if limit is not None else ""))
+    lines.append(f"-> {chosen}" + (f", vram_limit {limit:g} GiB" if limit is not None else ""))
     return Decision(chosen, limit, device, tuple(lines), predictions)
+
+
+def cap_from_free(free_bytes: int) -> float:
+    """The vram_limit (GiB) the tree and the fallback derive from free VRAM: minus the margin,
+    floored to a quarter GiB, so that a few bytes of drift between two readings (the cuBLAS
+    workspace, other processes) give the same configs and a kept pipeline stays reusable."""
+    return max(0.0, math.floor((free_bytes - VRAM_MARGIN) / GIB * 4) / 4)
 
 
 def next_preset(preset: str) -> str | None:

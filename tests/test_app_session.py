@@ -175,3 +175,34 @@ def test_runs_reuse_the_pipeline_and_prepare_rebases_the_prediction(session):
     assert session.cache.info is None      # prepare closed the pipeline the next run will not reuse
     assert session.generate(other).loaded and session.cache.loads == 2
     assert session.unload() and not session.unload()
+
+
+def test_a_symlink_out_of_the_models_directory_and_absurd_names_are_refused(session, models, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    shutil.copytree(models / "tiny-sdxl", elsewhere / "model")
+    (models / "linked").symlink_to(elsewhere / "model", target_is_directory=True)
+    with pytest.raises(RequestError, match="leads outside the models directory"):
+        session.resolve_model("linked")
+    assert "linked" not in [c.name for c in session.models()]
+    with pytest.raises(RequestError, match="is not a model"):
+        session.resolve_model("a" * 5000)
+
+
+def test_derived_caps_ignore_small_drift():
+    from presets.tree import cap_from_free
+    assert cap_from_free(int(8.3 * G)) == cap_from_free(int(8.3 * G) - 4096) == 7.75
+    assert cap_from_free(0) == 0.0
+
+
+def test_the_kept_pipeline_counts_as_free_when_planning(session, monkeypatch):
+    # A kept pipeline's weights are reused or released before the next run: the tree must not
+    # see them as used, or it steps down, closes the pipeline, and steps back up next time.
+    plan = session.plan("tiny-sdxl", GenerationRequest(**JOB), preset="basic")
+    session.generate(session.prepare(plan))
+    held = {"cuda:0": 3 * G, "cpu": 200 * 2**20}
+    monkeypatch.setattr("vram.stats", lambda: {"devices": {d: {"resident_bytes": b} for d, b in held.items()}})
+    card = Hardware((GPU(0, "RTX 4070", 12 * G, 8 * G),), "ok", 64 * G, 60 * G, None, None)
+    adjusted, host = session._without_kept_pipeline(card)
+    assert adjusted.gpus[0].free_bytes == 11 * G and host == 200 * 2**20
+    session.unload()
+    assert session._without_kept_pipeline(card) == (card, 0)

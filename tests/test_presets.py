@@ -89,9 +89,9 @@ def test_tree_over_the_grid_is_monotone_and_only_picks_what_fits():
 
 def test_explanation_lists_the_branches_with_numbers():
     text = choose("qwen-image", 12, 64).describe()
-    assert "GPU 0 Simulated GPU: 11.4 GiB free; vram_limit 10.9 GiB (free minus 0.5 GiB)" in text
+    assert "GPU 0 Simulated GPU: 11.4 GiB free; vram_limit 10.75 GiB (free minus 0.5 GiB, rounded down to a quarter)" in text
     assert "basic: needs" in text and "not enough VRAM" in text and "GiB RAM" in text
-    assert text.splitlines()[-1] == "-> disk, vram_limit 10.9 GiB"
+    assert text.splitlines()[-1] == "-> disk, vram_limit 10.75 GiB"
 
 
 def test_bigger_jobs_need_more():

@@ -8,6 +8,7 @@ They hold no torch logic: plans and runs go through ``presets.session``, jobs th
 from __future__ import annotations
 
 import json
+import math
 import logging
 import random
 import time
@@ -81,7 +82,7 @@ class AppHandlers:
         """GiB: the largest GPU's memory, or the RAM without a GPU (the CPU is the device)."""
         hardware = usable_hardware(self.session.models_dir)
         total = max((g.total_bytes for g in hardware.gpus), default=hardware.ram_total_bytes)
-        return round(total / GIB, 1)
+        return math.floor(total / GIB * 4) / 4  # rounded down: the slider's end must be a valid cap
 
     # -- cards -----------------------------------------------------------------------------------
     def hardware_card(self) -> str:
@@ -272,7 +273,9 @@ class AppHandlers:
 
     def _compare(self, inputs: JobInputs, presets, owner: str | None):
         """Yields (jobs so far, the running one or None); checks every preset's plan first."""
-        presets = list(presets or [])
+        if isinstance(presets, str):
+            presets = [presets]  # one preset named as text, not a list of its letters
+        presets = list(dict.fromkeys(presets or []))  # each preset once
         if not presets:
             raise gr.Error("Pick at least one preset to compare", print_exception=False)
         if inputs.seed in (None, ""):
