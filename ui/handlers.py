@@ -65,8 +65,10 @@ class AppHandlers:
         self.sampler.start()
 
     def close(self) -> None:
+        """At exit (Ctrl-C included): running jobs are cancelled first, so this does not wait
+        for a long run to finish."""
         self.sampler.stop()
-        self.session.close()
+        self.runner.shut_down()
 
     # -- choices for the page ------------------------------------------------------------------
     def model_choices(self) -> list[tuple[str, str]]:

@@ -295,6 +295,21 @@ class GpuRunner:
             job.cancel.set()
         return len(jobs)
 
+    def shut_down(self, timeout: float = 30.0) -> None:
+        """At exit: cancel every unfinished job, wait (up to ``timeout`` s) for the running one
+        to stop at its next step, then close the kept pipeline."""
+        with self._lock:
+            unfinished = [j for j in self._jobs.values() if not j.finished]
+        for job in unfinished:
+            job.cancel.set()
+        if self._gpu.acquire(timeout=timeout):
+            try:
+                self.session.close()
+            finally:
+                self._gpu.release()
+        else:
+            log.warning("a run did not stop within %.0f s; exiting without closing its pipeline", timeout)
+
     def unload(self) -> bool:
         """Close the session's kept pipeline once no job holds the GPU; True if one was loaded."""
         with self._gpu:

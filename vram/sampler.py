@@ -179,7 +179,10 @@ class MemorySampler:
                 self.sample()
             except psutil.Error as error:  # the sampled process ended
                 log.warning("memory sampler stopped: %s", error)
+                self.nvml_status = f"sampler stopped: {error}"
                 return
+            except Exception as error:  # one bad reading must not end the graphs silently
+                log.warning("memory sampler: a reading failed (%s: %s)", type(error).__name__, error)
             # Sleep what is left of the interval, so readings stay evenly spaced.
             self._stop.wait(max(0.0, self.interval - (self.clock() - started)))
 
