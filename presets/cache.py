@@ -77,7 +77,6 @@ class PipelineCache:
         self._info: CachedInfo | None = None
         self.loads = 0          # how many times a pipeline was loaded (for tests and the UI)
         self.hits = 0           # how many acquires reused the loaded one
-        self.last_acquire_loaded = False
 
     @staticmethod
     def key(model, configs, options: Mapping[str, Any]) -> CacheKey:
@@ -92,13 +91,11 @@ class PipelineCache:
         with self._lock:
             if self._pipe is not None and self._key == key and self._pipe.pipe is not None:
                 self.hits += 1
-                self.last_acquire_loaded = False
                 return self._pipe
             self._close_locked()
             started = time.perf_counter()
             pipe = self._load(model, configs, **options)
             self.loads += 1
-            self.last_acquire_loaded = True
             self._pipe, self._key = pipe, key
             self._info = CachedInfo(str(model), pipe.family.key, time.time(), time.perf_counter() - started, 0)
             log.info("loaded %s in %.2f s (kept for the next run)", model, self._info.load_seconds)

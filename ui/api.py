@@ -25,8 +25,6 @@ from .forms import JobInputs, make_plan, user_errors
 from .handlers import AppHandlers, _owner
 from .jobs import JobState
 
-GIB = 1024**3
-
 
 class Api:
     """The endpoints, over the app's handlers (one session, sampler and runner)."""

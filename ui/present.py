@@ -19,18 +19,13 @@ def gib(n: int | float | None, digits: int = 2) -> str:
 
 
 def hardware_card(hardware: Hardware, sampler_status: str) -> str:
-    lines = ["### This machine"]
-    if hardware.gpus:
-        for gpu in hardware.gpus:
-            lines.append(f"- **GPU {gpu.index}** {gpu.name}: {gib(gpu.free_bytes, 1)} free "
-                         f"of {gib(gpu.total_bytes, 1)}")
-    else:
-        lines.append(f"- **No GPU**: {hardware.gpu_status}. Runs compute on the CPU.")
-    lines.append(f"- **RAM**: {gib(hardware.ram_available_bytes, 1)} available of {gib(hardware.ram_total_bytes, 1)}")
-    if hardware.disk_free_bytes is not None:
-        lines.append(f"- **Disk** (models): {gib(hardware.disk_free_bytes, 1)} free at `{hardware.disk_path}`")
+    # The probe's own description, one bullet per line (GPUs, RAM, disk where the models live).
+    lines = ["### This machine", *(f"- {line}" for line in hardware.describe().splitlines())]
+    if not hardware.gpus:
+        lines.append("- Runs compute on the CPU.")
     if sampler_status != "ok":
-        lines.append(f"- **Memory graph**: no NVML ({sampler_status}); the graph draws RAM only")
+        lines.append(f"- **Memory graph**: no NVML ({sampler_status}); the GPU panel shows torch's own counters "
+                     f"where there are any")
     return "\n".join(lines)
 
 
