@@ -53,7 +53,9 @@ def build_blocks(handlers: AppHandlers) -> gr.Blocks:
                     with gr.Column(scale=2, min_width=360):
                         model = gr.Dropdown(models, value=model0, label="Model", elem_id="model")
                         about = gr.Markdown(f"**{family0.title}** — {family0.description}")
-                        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
+                        # Filled in, so a first click on Generate makes a picture (the built-in model's kind).
+                        prompt = gr.Textbox("a large yellow star on a purple background, top right", label="Prompt",
+                                            lines=2, elem_id="prompt",
                                             placeholder="a small red circle on a blue background, top left")
                         negative = gr.Textbox(label="Negative prompt", lines=1)
                         preset = gr.Dropdown(handlers.preset_choices(), value=handlers.options.preset,
