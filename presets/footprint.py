@@ -1,19 +1,25 @@
 """How big a model is, per component, without loading it.
 
 After a download the numbers come from the .safetensors headers (bytes per dtype, the largest
-tensor, the layer count the core will stream); before it, from the registry's recorded
-parameter counts. Either way the planner gets the same ``Footprint``.
+tensor) and from the model class built on the meta device (the largest group the core will
+stream: one block); before it, from the registry's recorded parameter counts. Either way the
+planner gets the same ``Footprint``.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import vram
-from vram.model import casting_rule
+from vram.casting import casting_rule
+from vram.grouping import group_sizes
 from pipelines import Family, ModelFilesError
 from pipelines.loading import read_model_index, weight_files
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,7 @@ class ComponentSize:
     kept_parameters: int = 0
     fp32_parameters: int = 0
     width: int = 0                        # hidden size, from config.json or the registry
+    largest_group: int = 0                # elements of the biggest group the core streams (a block)
 
     @property
     def castable_parameters(self) -> int:
@@ -129,6 +136,30 @@ def _from_headers(folder: Path, name: str, phase: str, variant: str | None, entr
             elif rule is not None:
                 fp32 += count
         return ComponentSize(name, phase, parameters, source.total_bytes, by_dtype, largest, True, kept, fp32,
-                             _width(folder / name / "config.json"))
+                             _width(folder / name / "config.json"), _largest_group(folder / name, entry))
     finally:
         source.close()
+
+
+def _largest_group(component_dir: Path, entry) -> int:
+    """Elements of the largest block group, from the class built on the meta device (0 when
+    the class cannot be built here)."""
+    config = component_dir / "config.json"
+    try:
+        stamp = config.stat().st_mtime_ns
+    except OSError:
+        return 0
+    return _largest_group_cached(str(component_dir), stamp, tuple(entry or ()))
+
+
+@functools.lru_cache(maxsize=64)
+def _largest_group_cached(component_dir: str, stamp: int, entry: tuple) -> int:
+    import torch
+    from pipelines.loading import _resolve_class, build_model
+    try:
+        cls = _resolve_class(entry[0], entry[1], component_dir)
+        model = build_model(cls, Path(component_dir), torch.bfloat16)
+    except Exception as error:  # noqa: BLE001 - sizing falls back to the largest tensor
+        log.debug("cannot build %s on the meta device to size its groups: %s", component_dir, error)
+        return 0
+    return max((n for _, n in group_sizes(model)), default=0)

@@ -5,7 +5,7 @@ The model of memory follows what the core does (see vram/):
   nothing when "disk"); while its phase runs they sit at the *onload* placement (the GPU for
   model-level offload);
 * a capped component keeps prepared layers on the GPU up to ``vram_limit`` (0: none, only
-  the prefetch window: (prefetch + 1) of its largest layers, in the storage and, when it
+  the prefetch window: (prefetch + 1) of its largest groups, in the storage and, when it
   differs, the computation dtype); uncapped, every staged layer is kept (except a CPU
   computing from disk, which keeps none);
 * the disk tier holds the prefetch window of reads in RAM, and a scratch buffer;
@@ -186,15 +186,18 @@ def _phase_bytes(family: Family, component: ComponentSize, cfg: PlanConfig, job:
     beyond what rests at its offload placement all run long."""
     compute = cfg.computation.dtype
     acts = activation_bytes(family, component, job, compute)
-    largest = component.largest_tensor or component.parameters // 200
+    # The streaming unit is a group (one block); before a download, about 1/40 of a model.
+    largest = component.largest_group or component.largest_tensor or component.parameters // 40
     # Onloading moves the weights unless they already rest there (then they are counted once).
     moved = cfg.onload != cfg.offload
     if cfg.onload == cfg.computation:
         # Onloaded whole in the computation dtype (basic, model-level offload): plain forwards.
         return (stored_bytes(component, compute, compute) if moved else 0) + acts, 0
     if cfg.onload.where == cfg.computation.where:
-        # Onloaded whole in a storage dtype (fp8): one layer at a time is cast for compute.
-        cast = largest * _size(compute) * 2
+        # Onloaded whole in a storage dtype (fp8): one group at a time has its castable
+        # weights cast for compute (the kept ones already are in the computation dtype).
+        share = component.castable_parameters / max(1, component.parameters)
+        cast = int(largest * share * _size(compute))
         return (stored_bytes(component, cfg.onload.dtype, compute) if moved else 0) + cast + acts, 0
     # Layer-level streaming from RAM or disk to the computation device.
     storage = cfg.preparing.dtype
@@ -212,7 +215,9 @@ def _phase_bytes(family: Family, component: ComponentSize, cfg: PlanConfig, job:
     host = 0
     if cfg.onload.where == "disk":
         file_item = max(1, component.file_bytes // max(1, component.parameters))
-        in_flight = (cfg.prefetch + 1) * largest * file_item
+        # One reader thread: one pooled read arena in use at a time; on an accelerator each
+        # stays until its copy has landed, so the pool holds the prefetch window of them.
+        in_flight = (1 if from_disk_on_cpu else cfg.prefetch + 1) * largest * file_item
         if from_disk_on_cpu and file_item == _size(storage):
             in_flight = 0            # the read buffers are the staged copies themselves
         host = in_flight + int(cfg.ram_cache_gib * GIB)

@@ -36,7 +36,7 @@ def test_resident_bytes_never_pass_the_budget(tmp_path):
             assert torch.equal(model(x), expected)
             assert manager.peak_bytes("cpu") <= budget
     # Some layers stay prepared (the budget has room beyond the streaming window), not all.
-    states = vram.managed(model).layer_states()
+    states = vram.managed(model).group_states()
     prepared = [name for name, state in states.items() if state == "preparing"]
     assert 0 < len(prepared) < len(states)
     assert vram.stats()["models"]["stack0"]["resident"]["cpu"]["prepared"] <= budget
@@ -74,7 +74,7 @@ def test_offload_releases_everything_staged(tmp_path):
     vram.offload(model)
     assert vram.managed(model).resident_bytes().get("cpu", 0) == 0
     assert vram.managed(model).streaming_bytes == 0 and vram.managed(model).kept_bytes == 0
-    assert set(vram.managed(model).layer_states().values()) == {"offload"}
+    assert set(vram.managed(model).group_states().values()) == {"offload"}
     vram.disable_vram_management(model)
 
 
@@ -132,11 +132,11 @@ def test_two_models_in_two_threads_stay_correct(tmp_path):
     assert manager.peak_bytes("cpu") <= manager.budget("cpu")
     # Nothing is left in use; prefetches still in flight for a next forward finish cleanly.
     for model in (model_a, model_b):
-        slots = vram.managed(model).slots
-        assert all(slot.users == 0 for slot in slots)
-        for slot in slots:
-            if slot.pending is not None:
-                slot.pending.result(timeout=30)
+        groups = vram.managed(model).groups
+        assert all(group.users == 0 for group in groups)
+        for group in groups:
+            if group.pending is not None:
+                group.pending.result(timeout=30)
     vram.disable_vram_management(model_a)
     vram.disable_vram_management(model_b)
 
@@ -193,9 +193,9 @@ def test_the_order_is_learned_and_later_forwards_are_prefetched(tmp_path):
             before = counters.prefetch_misses
             assert torch.equal(model(x), plain(x))
             misses.append(counters.prefetch_misses - before)
-    slots = len(vram.managed(model).slots)
-    assert misses[0] == slots          # nothing known yet: every weight read on demand
-    assert misses[1] <= 2              # the first layer's weights, before the loop closed
+    groups = len(vram.managed(model).groups)
+    assert misses[0] == 1              # the first group; the guess (definition order) prefetched the rest
+    assert misses[1] <= 1              # the first group, before the loop closed
     assert misses[2] == 0              # the end of one forward prefetches the next one's start
     vram.disable_vram_management(model)
 

@@ -161,7 +161,8 @@ def test_fp8_storage(case_and_files, fp8):
     assert error < tolerance, error
     # Weights really are stored in fp8 (and the skipped ones are not).
     managed = vram.managed(model)
-    stored = {slot.keys[0]: slot.base.dtype for slot in managed.slots}
+    stored = {entry.keys[0]: dtype for group in managed.groups
+              for entry, dtype in zip(group.entries, group.base_dtypes())}
     for key, dtype in stored.items():
         assert dtype == (FP32 if skips_casting(plain, key) else fp8), key
     vram.disable_vram_management(model)

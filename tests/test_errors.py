@@ -139,7 +139,7 @@ def test_a_failed_forward_leaves_the_model_usable(tmp_path):
     with pytest.raises(RuntimeError):
         model(torch.randn(2, 5))  # wrong width
     record = vram.managed(model)
-    assert all(slot.users == 0 for slot in record.slots)
+    assert all(group.users == 0 for group in record.groups)
     assert torch.isnan(model.blocks[0][0].weight).all()  # placeholders are back
     x = torch.randn(2, 16)
     with torch.no_grad():

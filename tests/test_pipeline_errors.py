@@ -227,14 +227,14 @@ def test_a_failed_load_leaves_nothing_charged(tiny_family, monkeypatch):
     # Running out of RAM half-way through binding a component: what was charged is refunded.
     import vram
     import vram.model
-    original, calls = vram.model._initial_base, []
+    original, calls = vram.model.ManagedModel.rest, []
 
     def failing(*args):
         calls.append(1)
         if len(calls) == 40:
             raise MemoryError("simulated: RAM ran out while loading")
         return original(*args)
-    monkeypatch.setattr(vram.model, "_initial_base", failing)
+    monkeypatch.setattr(vram.model.ManagedModel, "rest", failing)
     before = dict(vram.get_manager().ledger())
     with pytest.raises(MemoryError):
         load_pipeline(tiny_family("sdxl"), preset_configs("basic"))

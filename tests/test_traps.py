@@ -99,10 +99,12 @@ def test_stats_report_layer_states_and_counters(tmp_path):
     stats = vram.stats()
     entry = stats["models"]["zoo-stats"]
     assert entry["state"] == "offload"
-    assert set(entry["layers"]) >= {"embed", "conv3", "proj", ""}  # "" is the root's loose parameters
+    # Zoo names no blocks: one group per top-level child (the tied embed/head share one), and
+    # one for the root's loose parameters.
+    assert set(entry["groups"]) >= {"embed+head", "conv3", "proj", "(root)"}
     assert entry["resident"]["host"]["base"] > 0
     summary = entry["summary"]
-    assert summary["stored_bytes"]["cpu/float8_e4m3fn"] > 0 and summary["largest_layer_bytes"] > 0
+    assert summary["stored_bytes"]["cpu/float8_e4m3fn"] > 0 and summary["largest_group_bytes"] > 0
     assert summary["parameters"] == sum(p.numel() for p in Zoo().parameters())
     assert {"bytes_to_device", "bytes_read_from_disk", "transfer_wait_s", "evictions"} <= set(stats["counters"])
     report = vram.last_report()

@@ -1,8 +1,10 @@
-"""vram: the layer-wrapping memory core.
+"""vram: the memory core. Groups of layers (one repeated block each, by default) move
+between disk, RAM and the computation device under a VRAM cap.
 
     import vram
-    model = build_model()                       # or inside `with vram.empty_weights():`
-    vram.enable_vram_management(model, {
+    with vram.empty_weights():                  # or a model with real weights
+        model = build_model()
+    model = vram.enable_vram_management(model, {
         "offload_dtype": torch.float8_e4m3fn, "offload_device": "cpu",
         "onload_dtype": torch.float8_e4m3fn, "onload_device": "cpu",
         "preparing_dtype": torch.float8_e4m3fn, "preparing_device": "cuda",
@@ -11,22 +13,25 @@
     vram.onload(model)
     out = model(x)
     vram.offload(model)
-    print(vram.stats())
+    print(vram.managed(model).summary(), vram.stats()["counters"])
 
+Modules, imports pointing down the list: config, reports, casting, weights, arena, mover,
+budget, cache, group, grouping, schedule, hooks, model (the glue), monitor and sampler.
 This package knows nothing of pipelines, presets or the app.
 """
 
+from .budget import VramLimitError, get_manager
 from .config import DISK, GIB, Placement, VramConfig
-from .layers import VramLimitError
-from .manager import Counters, RunReport, get_manager
+from .group import GroupState
 from .meta import empty_weights
 from .model import (ManagedModel, ModelState, disable_vram_management, enable_vram_management, is_managed,
                     managed, offload, onload, release, track)
+from .reports import Counters, RunReport
 from .weights import SafetensorsFile, WeightSource
 
 
 def stats() -> dict:
-    """A snapshot of the manager: bytes per device and model, layer states, counters, runs."""
+    """A snapshot of the manager: bytes per device and model, group states, counters, runs."""
     return get_manager().stats()
 
 
@@ -38,6 +43,7 @@ def last_report() -> RunReport | None:
 
 __all__ = [
     "DISK", "GIB", "Placement", "VramConfig", "VramLimitError", "Counters", "RunReport", "get_manager",
-    "empty_weights", "ManagedModel", "ModelState", "disable_vram_management", "enable_vram_management",
-    "is_managed", "managed", "offload", "onload", "release", "track", "SafetensorsFile", "WeightSource", "stats", "last_report",
+    "empty_weights", "GroupState", "ManagedModel", "ModelState", "disable_vram_management", "enable_vram_management",
+    "is_managed", "managed", "offload", "onload", "release", "track", "SafetensorsFile", "WeightSource", "stats",
+    "last_report",
 ]

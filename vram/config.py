@@ -38,7 +38,8 @@ COMPUTE_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
 FP8_DTYPES = {torch.float8_e4m3fn, torch.float8_e5m2}
 
 # The project's own keys, accepted next to DiffSynth's eight.
-EXTRA_KEYS = ("vram_limit", "prefetch", "pin_memory", "ram_cache_gib")
+EXTRA_KEYS = ("vram_limit", "prefetch", "pin_memory", "ram_cache_gib", "granularity")
+GRANULARITIES = ("block", "leaf")
 
 
 @dataclass(frozen=True)
@@ -117,10 +118,12 @@ class VramConfig:
     """The typed form of a vram_config.
 
     ``vram_limit`` caps this process's peak memory on the computation device in GiB
-    (None: no cap; 0: keep nothing resident, stream every layer). ``prefetch`` is how many
-    layers ahead are brought in while one computes. ``pin_memory`` pins host weights in
-    place for asynchronous copies on CUDA. ``ram_cache_gib`` keeps weights read from disk in
-    RAM up to that size so the next generation need not read them again.
+    (None: no cap; 0: keep nothing resident, stream every group). ``prefetch`` is how many
+    groups ahead are brought in while one computes. ``pin_memory`` pins the host arenas once
+    for asynchronous copies on CUDA. ``ram_cache_gib`` keeps groups read from disk in RAM up
+    to that size so the next generation need not read them again. ``granularity`` is the
+    unit of transfer: ``"block"`` (one group per repeated block, the default) or ``"leaf"``
+    (one group per module that holds parameters).
     """
 
     offload: Placement
@@ -131,11 +134,17 @@ class VramConfig:
     prefetch: int = 2
     pin_memory: bool = True
     ram_cache_gib: float = 0.0
+    granularity: str = "block"
 
     def __post_init__(self):
         for state in ("preparing", "computation"):
             if getattr(self, state).is_disk:
                 raise ValueError(f"{state}_device: 'disk' is allowed only for offload/onload")
+        if self.preparing.device != self.computation.device:
+            raise ValueError(f"preparing_device ({self.preparing.device}) must be the computation device "
+                             f"({self.computation.device}): preparing stages weights where they compute")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if self.computation.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"computation_dtype: {self.computation.device} cannot compute in "
                              f"{self.computation.dtype}; use one of {_names(COMPUTE_DTYPES)}")
@@ -206,7 +215,7 @@ class VramConfig:
             out[f"{state}_dtype"] = DISK if placement.is_disk else placement.dtype
             out[f"{state}_device"] = DISK if placement.is_disk else str(placement.device)
         out.update(vram_limit=self.vram_limit, prefetch=self.prefetch,
-                   pin_memory=self.pin_memory, ram_cache_gib=self.ram_cache_gib)
+                   pin_memory=self.pin_memory, ram_cache_gib=self.ram_cache_gib, granularity=self.granularity)
         return out
 
     # -- derived facts --------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""A model under management: building it, the per-model states, the schedule.
+"""A model under management: binding it, its model-level states, its run reports.
 
-``enable_vram_management`` turns every module that holds parameters into a managed layer
-(see layers.py) and registers the model with the process's manager. The pipeline switches the
-model between offload and onload; the core switches layers between preparing and computation,
-learning the execution order on the first forward (each layer remembers which layer ran after
-it) so that the next ``prefetch`` layers are staged while one computes.
+``enable_vram_management`` splits the model into groups (grouping.py), binds each
+parameter to its files or its current value, puts every group's base at the offload
+placement, hooks the groups' roots and registers the model with the process's manager. It
+returns the model itself, as DiffSynth does; ``managed(model)`` gives the core's record.
+The pipeline switches the model between offload and onload; the groups switch themselves
+between preparing and computation as forwards run, in the order the schedule learned.
 """
 
 from __future__ import annotations
@@ -13,27 +14,29 @@ import contextlib
 import enum
 import logging
 import os
-import re
 import threading
 import time
 import types
-from collections import OrderedDict
-from concurrent.futures import Future
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from .config import FP8_DTYPES, GIB, Placement, VramConfig
-from .layers import ManagedLayer, Slot, VramLimitError, tier_key
-from .manager import RunReport, get_manager
+from .arena import Arena, ArenaPool
+from .budget import RunReport, get_manager
+from .cache import RamCache
+from .casting import casting_rule, tensor_config  # noqa: F401 - casting_rule is re-exported for planners
+from .config import GIB, Placement, VramConfig
+from .group import Entry, Group, GroupState, HostCopy, dtypes_at, make_placeholder
+from .grouping import GroupPlan, plan_groups, split
+from .hooks import GroupHooks
 from .meta import has_meta_parameters
-from .transfer import Mover, Staged, submit, trim_heap
+from .mover import Landing, make_mover
+from .schedule import Schedule
 from .weights import WeightSource
 
 log = logging.getLogger(__name__)
 
 _MANAGED_ATTR = "_vram_managed"
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class ModelState(enum.Enum):
@@ -41,313 +44,133 @@ class ModelState(enum.Enum):
     ONLOAD = "onload"
 
 
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the system after a bulk conversion (glibc only)."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class ManagedModel:
     """The core's record of one model. Reach it with ``vram.managed(model)``."""
 
-    def __init__(self, module: torch.nn.Module, config: VramConfig, source: WeightSource | None,
-                 name: str):
+    def __init__(self, module: torch.nn.Module, config: VramConfig, source: WeightSource | None, name: str):
         self.module = module
         self.config = config
         self.source = source
         self.name = name
         self.state = ModelState.OFFLOAD
-        self.mover = Mover(config.computation.device)
-        self.layers: list[ManagedLayer] = []
-        self.slots: list[Slot] = []
-        self.successor: dict[ManagedLayer, ManagedLayer] = {}
-        self._last_layer: ManagedLayer | None = None
-        self._order_lock = threading.Lock()
+        self.mover = make_mover(config.computation.device)
+        self.pins = config.computation.device.type == "cuda" and config.pin_memory
+        self.groups: list[Group] = []
+        self.entries: list[Entry] = []
+        self.schedule: Schedule[Group] = Schedule([], config.prefetch)
+        self.pool: ArenaPool | None = None
+        self.cache: RamCache | None = None
+        self.hooks: list[GroupHooks] = []
+        self._handles: list[Any] = []
+        self._scratch: Arena | None = None
         self._run_lock = threading.Lock()
         self._runs = 0
         self._run_marks: dict[str, Any] = {}
-        self._cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-        self._cache_bytes = 0
-        self._cache_lock = threading.Lock()
-        self._cache_limit = int(config.ram_cache_gib * GIB)
-        self._handles: list[Any] = []
-        self._scratch: torch.Tensor | None = None
-        self.budget_key = tier_key(config.budget_device)  # the ledger's name for the capped device
-        limit = config.vram_limit
-        self.cap_bytes = None if not limit else int(limit * GIB)
-        self.max_layer_need = 0
+        self.budget_key = str(config.budget_device)
+        self.cap_bytes = None if not config.vram_limit else int(config.vram_limit * GIB)
+        self.max_group_need = 0
         self.window_bytes = 0
-        self.runs_done = 0  # completed top-level forwards (or vram.track blocks)
+        self.runs_done = 0        # completed top-level forwards (or vram.track blocks)
         self.streaming_bytes = 0  # charged for copies that are not kept: in flight or in use
-        self.kept_bytes = 0  # charged for copies kept between forwards (what eviction can free)
-        self.makes_copies = False  # forwards allocate staged or cast copies (or read from disk)
+        self.kept_bytes = 0       # charged for copies kept between forwards (what eviction frees)
+        self.makes_copies = False
 
-    # -- policy -----------------------------------------------------------------------------
+    # -- sizes ------------------------------------------------------------------------------
+    def measure(self) -> None:
+        self.max_group_need = max((g.need for g in self.groups), default=0)
+        self.window_bytes = self.max_group_need * (self.config.prefetch + 1)
+        self.makes_copies = any(not g.static for g in self.groups)
 
-    def should_keep(self, slot: Slot) -> bool:
-        """Whether a staged copy stays after its forward."""
-        limit = self.config.vram_limit
-        if limit == 0:
-            return False
-        if limit is None:
-            # Without a cap, a CPU that computes from disk keeps nothing: the point of the
-            # disk tier is RAM, and the RAM cache is the knob for keeping weights there.
-            return not (slot.base is None and slot.config.preparing.device.type == "cpu")
-        if not self.runs_done:
-            return False  # the first forward streams: its activation peak is not known yet
-        # Kept, this copy stops being part of the streaming window; the window (whatever of
-        # it is not in flight now) must still fit beside everything kept. The running model
-        # comes first: idle models' kept copies make way for it.
-        headroom = max(0, self.window_bytes - self.streaming_bytes + slot.prepared_charged)
-        return get_manager().make_room(self.budget_key, 0, self, headroom=headroom, own=False)
-
-    def _measure_needs(self) -> None:
-        for layer in self.layers:
-            layer.need = sum(s.prepared_nbytes + s.compute_nbytes for s in layer.slots)
-        self.max_layer_need = max((layer.need for layer in self.layers), default=0)
-        self.window_bytes = self.max_layer_need * (self.config.prefetch + 1)
-        self.makes_copies = self.max_layer_need > 0 or any(slot.base is None for slot in self.slots)
+    def device_resident(self) -> int:
+        return sum(g.base_charge[1] for g in self.groups if g.base_charge and g.base_charge[0] == self.budget_key)
 
     def check_cap(self) -> None:
-        """A cap that cannot hold the largest layer (or a resident base) fails before any work."""
-        if not self.cap_bytes:
+        """A cap that cannot hold the largest group (beside what rests on the device) fails
+        before any work."""
+        if not self.cap_bytes or not self.groups:
             return
-        largest = max(self.layers, key=lambda layer: layer.need, default=None)
-        resident = sum(s.nbytes(s.base.dtype) for s in self.slots
-                       if s.base is not None and s.base_ledger == self.budget_key)
-        if largest is not None and self.max_layer_need + resident > self.cap_bytes:
-            what = (f"layer {largest.name!r} needs {self.max_layer_need / GIB:.4f} GiB"
+        largest = max(self.groups, key=lambda g: g.need)
+        resident = self.device_resident()
+        if largest.need + resident > self.cap_bytes:
+            what = (f"group {largest.name!r} needs {largest.need / GIB:.4f} GiB"
                     + (f" on top of {resident / GIB:.4f} GiB of weights resident there" if resident else ""))
             raise ValueError(f"vram_limit={self.config.vram_limit} GiB is too small for {self.name}: {what} "
                              f"on {self.config.budget_device}. Raise vram_limit, use an fp8 preparing "
-                             f"dtype, or vram_limit=0 to stream every layer with no cap.")
+                             f"dtype, or vram_limit=0 to stream every group with no cap.")
 
-    # -- weights from disk -------------------------------------------------------------------
-    def scratch(self) -> torch.Tensor:
-        """A uint8 buffer as large as the largest tensor in the files, for bulk conversions
-        (model-level state changes, one thread at a time); freed by ``drop_scratch``."""
+    # -- scratch for bulk conversions ------------------------------------------------------
+    def scratch(self) -> Arena:
+        """An arena as large as the largest group in the files, reused while one thread
+        converts groups at a model-level change; freed by ``drop_scratch``."""
         if self._scratch is None:
-            largest = max((info.nbytes for info in self.source.tensors.values()), default=0)
-            self._scratch = torch.empty(largest, dtype=torch.uint8)
+            self._scratch = Arena(max(g.file_layout.nbytes for g in self.groups))
         return self._scratch
 
     def drop_scratch(self) -> None:
         if self._scratch is not None:
             self._scratch = None
-            trim_heap()
+            _trim_heap()
 
-    def read_weight(self, slot: Slot, *, stream: bool = False, scratch: torch.Tensor | None = None) -> torch.Tensor:
-        """A slot's weights from its file, in the file's dtype.
-
-        ``stream``: for one forward, through the RAM cache when one is configured, into
-        pinned memory on CUDA (for asynchronous copies). ``scratch``: into that reused
-        buffer. Otherwise: into a new RAM tensor of its own.
-
-        Reads copy (``preadv``) rather than map the file: torch's CPU kernels may round
-        differently on weights that are not 64-byte aligned, and tensors inside a
-        .safetensors file rarely are, so mapped weights would not be bit-identical.
-        """
-        key = slot.info.key
-        caching = stream and self._cache_limit and slot.info.nbytes <= self._cache_limit
-        if caching:
-            with self._cache_lock:
-                cached = self._cache.get(key)
-                if cached is not None:
-                    self._cache.move_to_end(key)
-                    return cached
-        pin = stream and self.mover.is_cuda and self.config.pin_memory
-        tensor = self.source.read_info(slot.info, pin_memory=pin, out=scratch)
+    # -- model-level states ----------------------------------------------------------------
+    def rest(self, group: Group, state: str, params: list[torch.Tensor] | None = None) -> None:
+        """Put a group's base at its placement in ``state`` (no forward, nothing staged)."""
+        placement, dtypes = dtypes_at(group, state)
+        offload, offload_dtypes = dtypes_at(group, "offload")
+        keep_host = None if offload.is_disk or offload.device.type != "cpu" else offload_dtypes
         manager = get_manager()
-        with manager.lock:
-            manager.counters.bytes_read_from_disk += slot.info.nbytes
-        if caching:
-            self._cache_put(key, tensor)
-        return tensor
-
-    def _cache_put(self, key: str, tensor: torch.Tensor) -> None:
-        manager = get_manager()
-        nbytes = tensor.numel() * tensor.element_size()
-        with self._cache_lock, manager.lock:
-            while self._cache and self._cache_bytes + nbytes > self._cache_limit:
-                old_key, old = self._cache.popitem(last=False)
-                self._cache_bytes -= old.numel() * old.element_size()
-                manager.refund("host", self.name, "(ram cache)", "cache", old.numel() * old.element_size())
-            self._cache[key] = tensor
-            self._cache_bytes += nbytes
-            manager.charge("host", self.name, "(ram cache)", "cache", nbytes)
-
-    def clear_cache(self) -> None:
-        manager = get_manager()
-        with self._cache_lock, manager.lock:
-            if self._cache_bytes:
-                manager.refund("host", self.name, "(ram cache)", "cache", self._cache_bytes)
-            self._cache.clear()
-            self._cache_bytes = 0
-
-    # -- the schedule ---------------------------------------------------------------------------
-    def before_layer(self, layer: ManagedLayer) -> None:
-        """Learn the order (this layer follows the last one) and prefetch what comes next."""
-        with self._order_lock:
-            previous, self._last_layer = self._last_layer, layer
-            if previous is not None and previous is not layer:
-                self.successor[previous] = layer
-        # Look ahead `prefetch` layers that carry weight; small ones (norms, biases-only
-        # modules) ride along without using up the window, up to 4x the walk.
-        upcoming, counted = layer, 0
-        for _ in range(4 * self.config.prefetch):
-            if counted >= self.config.prefetch:
-                break
-            upcoming = self.successor.get(upcoming)
-            if upcoming is None or upcoming is layer:
-                break
-            if upcoming.static:
-                continue
-            if upcoming.need * 8 >= self.max_layer_need:
-                counted += 1
-            if any(slot.prepared is None and slot.pending is None for slot in upcoming.slots):
-                self.prefetch(upcoming)
-
-    def prefetch(self, layer: ManagedLayer) -> None:
-        """Stage a layer's weights in the background, as far as the budget has room beside
-        the layer computing now: one task for the whole layer."""
-        manager = get_manager()
-        work: list[tuple[Slot, Future]] = []
-        with manager.lock:
-            for slot in layer.slots:
-                if slot.prepared_is_base or slot.prepared is not None or slot.pending is not None:
-                    continue
-                need = slot.prepared_nbytes
-                if not manager.make_room(self.budget_key, need, self, headroom=self.max_layer_need, own=False):
-                    break
-                manager.charge(self.budget_key, self.name, slot.layer, "prepared", need)
-                slot.prepared_charged = need
-                self.streaming_bytes += need
-                slot.pending = Future()
-                work.append((slot, slot.pending))
-        if not work:
-            return
-        if self.mover.is_cuda and all(slot.base is not None for slot, _ in work):
-            self._stage_all(work)  # asynchronous copies on the side stream: nothing to wait for here
+        if placement.is_disk:
+            group.set_base(None)
+        elif placement.device.type == "cpu":
+            copy = group.host_copy(dtypes, params, self.scratch)
+            group.set_base(copy)
+            keep_host = keep_host if keep_host is not None else dtypes
+        elif isinstance(group.base, Landing) and group.base_dtypes() == dtypes:
+            pass
         else:
-            submit(self._stage_all, work)  # disk reads and CPU casts overlap compute
-
-    @staticmethod
-    def _stage_all(work: list[tuple[Slot, Future]]) -> None:
-        for slot, future in work:
-            ManagedModel._stage_into(slot, future)
-
-    @staticmethod
-    def _stage_into(slot: Slot, future: Future) -> None:
-        if not future.set_running_or_notify_cancel():
-            return
-        try:
-            future.set_result(slot.stage())
-        except BaseException as error:  # handed to whoever waits for the weights
-            future.set_exception(error)
-
-    def acquire(self, slot: Slot) -> tuple[torch.Tensor, int]:
-        """The slot's computation tensor, and the bytes charged for it."""
-        manager = get_manager()
-        counters = manager.counters
-        future: Future | None = None
-        own: Future | None = None
-        with manager.lock:
-            slot.users += 1
-            slot.last_used = manager.tick()
-            if slot.prepared is not None:
-                if slot.prepared_charged:
-                    counters.prefetch_hits += 1
-            elif slot.pending is not None:
-                future = slot.pending
-                counters.prefetch_hits += 1
-            elif slot.prepared_is_base:
-                slot.prepared = Staged(slot.base)
-            else:
-                counters.prefetch_misses += 1
-                need = slot.prepared_nbytes
-                try:
-                    self._reserve(need)
-                except VramLimitError:
-                    slot.users -= 1
-                    raise
-                manager.charge(self.budget_key, self.name, slot.layer, "prepared", need)
-                slot.prepared_charged = need
-                self.streaming_bytes += need
-                future = own = Future()
-                slot.pending = future
-        if own is not None:
-            self._stage_into(slot, own)
-        if future is not None:
-            started = time.perf_counter()
-            try:
-                staged = future.result()
-            except BaseException:
+            nbytes = sum(e.numel * d.itemsize for e, d in zip(group.entries, dtypes))
+            fits = True
+            if self.cap_bytes is not None and str(placement.device) == self.budget_key:
                 with manager.lock:
-                    slot.users -= 1
-                    if slot.pending is future:
-                        slot.pending = None
-                        slot.drop_prepared()
-                raise
-            waited = time.perf_counter() - started
-            with manager.lock:
-                counters.transfer_wait_s += waited
-                if slot.pending is future:
-                    slot.pending = None
-                    slot.prepared = staged
-        tensor = slot.prepared.ready_for(self.config.computation.device)
-        charged = slot.compute_nbytes
-        if charged:
-            with manager.lock:
-                try:
-                    self._reserve(charged)
-                except VramLimitError:
-                    slot.users -= 1
-                    raise
-                manager.charge(self.budget_key, self.name, slot.layer, "computation", charged)
-                self.streaming_bytes += charged
-            tensor = tensor.to(device=self.config.computation.device, dtype=slot.config.computation.dtype)
-        return tensor, charged
+                    fits = manager.make_room(self.budget_key, nbytes, self, headroom=self.window_bytes)
+            if fits:
+                group.set_base(group.land_base(dtypes, params), charge=(self.budget_key, nbytes))
+            elif group.base is None and params is not None:
+                group.set_base(group.host_copy(offload_dtypes, params, self.scratch))
+            else:
+                group.set_base(group.base)
+        for held in list(group.host_copies):
+            if held != keep_host and group.base is not group.host_copies[held]:
+                group.drop_host_copy(held)
 
-    def release(self, slot: Slot, tensor: torch.Tensor, charged: int) -> None:
+    def set_state(self, state: ModelState) -> None:
         manager = get_manager()
         with manager.lock:
-            if charged:
-                manager.refund(self.budget_key, self.name, slot.layer, "computation", charged)
-                self.streaming_bytes -= charged
-            slot.users -= 1
-            if slot.users == 0 and slot.prepared_charged and not slot.kept:
-                if self.should_keep(slot):
-                    slot.kept = True
-                    self.streaming_bytes -= slot.prepared_charged
-                    self.kept_bytes += slot.prepared_charged
-                else:
-                    slot.drop_prepared()
+            if any(g.users for g in self.groups):
+                raise RuntimeError(f"{self.name}: cannot switch to {state.value} during a forward")
+        for group in self.groups:
+            group.settle()
+        for group in self.groups:
+            self.rest(group, state.value)
+        self.drop_scratch()
+        self.state = state
+        self.measure()
 
-    def _reserve(self, nbytes: int) -> None:
-        """Make room for a copy the current forward needs (caller holds the manager lock).
-
-        Evicts idle copies, then drops prefetches nobody uses yet; while another forward on
-        the device holds what is missing, waits for it to release (up to a minute).
-        """
-        manager = get_manager()
-        if self.config.vram_limit == 0:
-            return
-        deadline = time.monotonic() + 60.0
-        while True:
-            if manager.make_room(self.budget_key, nbytes, self):
-                return
-            if manager.reclaim_prefetches(self.budget_key):
-                continue
-            if not manager.busy(self.budget_key, besides=self) or time.monotonic() > deadline:
-                break
-            manager.room.wait(0.05)
-        budget = manager.budget(self.budget_key)
-        raise VramLimitError(
-            f"{self.name}: {nbytes / GIB:.4f} GiB more on {self.budget_key} would pass its budget "
-            f"({manager.resident_bytes(self.budget_key) / GIB:.4f} GiB held by the core, budget "
-            f"{(budget or 0) / GIB:.4f} GiB after {manager.activation_reserve(self.budget_key) / GIB:.4f} GiB "
-            f"kept for activations). Raise vram_limit or lower the resolution/batch.")
-
-    # -- run reports -----------------------------------------------------------------------------
+    # -- run reports -----------------------------------------------------------------------
     def _run_start(self, module, args):
         with self._run_lock:
             self._runs += 1
             if self._runs > 1:
                 return None
+        self.schedule.start()
         device = self.config.computation.device
         manager = get_manager()
         manager.reset_peak(self.budget_key)
@@ -365,6 +188,7 @@ class ManagedModel:
             self._runs -= 1
             if self._runs:
                 return None
+        self.schedule.finish()
         device = self.config.computation.device
         manager = get_manager()
         marks = self._run_marks
@@ -376,122 +200,62 @@ class ManagedModel:
             activations = max(0, torch.cuda.max_memory_allocated(device) - outside_at_start - ledger_peak)
             manager.note_activations(self.budget_key, activations)
         if device.type == "cpu" and self.makes_copies:
-            # Per-layer copies below glibc's mmap threshold come and go from the heap; hand
-            # what they freed back after each forward so RAM does not creep up run by run.
-            trim_heap()
+            # Casts below glibc's mmap threshold come and go from the heap; hand what they
+            # freed back after each forward so RAM does not creep up run by run.
+            _trim_heap()
         self.runs_done += 1
         manager.add_report(RunReport(self.name, str(device), self.cap_bytes, peak_reserved, ledger_peak,
                                      activations, time.perf_counter() - marks["t0"]))
         return None
 
-    # -- model-level states -----------------------------------------------------------------------
-    def set_state(self, state: ModelState) -> None:
-        manager = get_manager()
-        with manager.lock:
-            if any(slot.users for slot in self.slots):
-                raise RuntimeError(f"{self.name}: cannot switch to {state.value} during a forward")
-            for slot in self.slots:
-                slot.clear()
-
-        def fits_on(target: Placement):
-            def fits(slot: Slot, nbytes: int) -> bool:
-                if tier_key(target.device) != self.budget_key or self.cap_bytes is None:
-                    return True
-                with manager.lock:
-                    return manager.make_room(self.budget_key, nbytes, self, headroom=self.window_bytes)
-            return fits
-
-        for slot in self.slots:
-            # Each slot's own placements: layers kept in float32 or out of fp8 keep that dtype.
-            target = slot.config.onload if state is ModelState.ONLOAD else slot.config.offload
-            slot.set_base(target, fits=fits_on(target))
-        self.drop_scratch()
-        self.state = state
-        for layer in self.layers:
-            layer.refresh_static()
-        self._measure_needs()
-
+    # -- views -------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """What planners and UIs need to know about this model, as plain data (bytes)."""
         stored: dict[str, int] = {}
-        for slot in self.slots:
-            dtype = slot.info.dtype if slot.base is None else slot.base.dtype
-            key = "disk" if slot.base is None else str(slot.base_placement)
-            stored[key] = stored.get(key, 0) + slot.nbytes(dtype)
+        for group in self.groups:
+            for entry, dtype in zip(group.entries, group.base_dtypes()):
+                where = "disk" if group.base is None else (
+                    f"cpu/{str(dtype).removeprefix('torch.')}" if isinstance(group.base, HostCopy)
+                    else f"{group.device}/{str(dtype).removeprefix('torch.')}")
+                stored[where] = stored.get(where, 0) + entry.numel * dtype.itemsize
         return {
             "config": {k: str(v) if v is not None else None for k, v in self.config.to_dict().items()},
-            "layers": len(self.layers), "parameters": sum(slot.numel for slot in self.slots),
-            "stored_bytes": stored, "largest_layer_bytes": self.max_layer_need,
+            "groups": len(self.groups), "blocks": sum(1 for g in self.groups if g.block),
+            "layers": sum(len(g.modules) for g in self.groups),
+            "parameters": sum(e.numel for e in self.entries),
+            "stored_bytes": stored, "largest_group_bytes": self.max_group_need,
             "window_bytes": self.window_bytes, "cap_bytes": self.cap_bytes, "runs": self.runs_done,
+            "granularity": self.config.granularity,
         }
 
-    def layer_states(self) -> dict[str, str]:
-        return {layer.name: layer.state() for layer in self.layers}
+    def group_states(self) -> dict[str, str]:
+        return {group.name: group.state_name() for group in self.groups}
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes this model holds now, per ledger device."""
         out: dict[str, int] = {}
-        for (device, model, _layer, _kind), nbytes in get_manager().ledger().items():
+        for (device, model, _group, _kind), nbytes in get_manager().ledger().items():
             if model == self.name:
                 out[device] = out.get(device, 0) + nbytes
         return out
 
-    def host_tensor(self, slot: Slot) -> torch.Tensor:
-        """The stored weights of a slot, for state_dict(): the base copy, or read from disk."""
-        return slot.base if slot.base is not None else slot.read()
+    def group_of(self, module_name: str) -> Group:
+        for group in self.groups:
+            if module_name in group.modules:
+                return group
+        raise KeyError(module_name)
+
+    def host_tensor(self, group: Group, index: int) -> torch.Tensor:
+        """A parameter's stored value, for state_dict(): its base, or read from disk."""
+        tensors = group.base_tensors()
+        if tensors is not None:
+            return tensors[index]
+        return self.source.read_info(group.entries[index].info)
 
 
 # ---------------------------------------------------------------------------------------------
 # Building a managed model
 # ---------------------------------------------------------------------------------------------
-
-# Layers whose weights stay in the computation dtype under fp8/half storage, whatever the
-# model says: normalisations, embeddings of positions/patches and the outermost projections
-# are tiny and sensitive (the same defaults as diffusers' layerwise casting).
-DEFAULT_SKIP_PATTERNS = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")
-
-
-def _skip_casting(model: torch.nn.Module, module: torch.nn.Module, module_name: str, param_key: str,
-                  keep_fp32: Sequence[str] | None = None):
-    """The dtype a parameter keeps instead of low-precision storage, from the model's hints.
-
-    ``keep_fp32`` (name components; by default the model's ``_keep_in_fp32_modules``, as
-    diffusers applies it) keep float32; ``_skip_layerwise_casting_patterns`` (regexes over
-    module names), the defaults above and normalisation layers keep the computation dtype.
-    None: the config's dtypes apply.
-    """
-    if keep_fp32 is None:
-        keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()
-    return casting_rule(module_name, param_key, type(module).__name__, keep_fp32,
-                        getattr(model, "_skip_layerwise_casting_patterns", None) or ())
-
-
-def casting_rule(module_name: str, param_key: str, module_type: str, keep_fp32: Sequence[str],
-                 skip_patterns: Sequence[str]):
-    """The rule of ``_skip_casting`` on names alone (planners use it on checkpoint keys):
-    torch.float32, "computation" (stays in the computation dtype) or None (the config's)."""
-    if any(name in param_key.split(".") for name in keep_fp32):
-        return torch.float32
-    patterns = DEFAULT_SKIP_PATTERNS + tuple(skip_patterns)
-    if "Norm" in module_type or any(re.search(p, module_name) for p in patterns):
-        return "computation"
-    return None
-
-
-def _slot_config(model: torch.nn.Module, module: torch.nn.Module, config: VramConfig, module_name: str,
-                 key: str, keep_fp32: Sequence[str] | None = None) -> VramConfig:
-    rule = _skip_casting(model, module, module_name, key, keep_fp32)
-    if rule is None:
-        return config
-    low = [p for p in (config.offload, config.onload, config.preparing, config.computation)
-           if not p.is_disk and (p.dtype in FP8_DTYPES or p.dtype in _HALF_DTYPES)]
-    if rule == torch.float32:
-        return config.with_dtype(torch.float32) if low else config
-    if any(not p.is_disk and p.dtype != config.computation.dtype
-           for p in (config.offload, config.onload, config.preparing)):
-        return config.with_dtype(config.computation.dtype)
-    return config
-
 
 def _guarded_apply(module: torch.nn.Module, fn, recurse: bool = True):
     """``module.to()``/``.half()`` on a managed module converts buffers and children only:
@@ -509,8 +273,9 @@ def enable_vram_management(model: torch.nn.Module, vram_config: VramConfig | Map
                            vram_limit: float | None = None,
                            weights: str | os.PathLike | Sequence[str | os.PathLike] | WeightSource | None = None,
                            name: str | None = None,
-                           keep_fp32: Sequence[str] | None = None) -> ManagedModel:
-    """Put ``model`` under VRAM management and return its record.
+                           keep_fp32: Sequence[str] | None = None) -> torch.nn.Module:
+    """Put ``model`` under VRAM management and return it (``vram.managed(model)`` is the
+    core's record of it).
 
     ``vram_config`` is DiffSynth's 8-key dict (plus optional extras) or a ``VramConfig``.
     ``vram_limit`` (GiB) caps this process's peak memory on the computation device; it
@@ -535,33 +300,28 @@ def enable_vram_management(model: torch.nn.Module, vram_config: VramConfig | Map
         raise ValueError("model has parameters on the meta device; pass weights= to bind them to their files")
 
     manager = get_manager()
-    managed = ManagedModel(model, config, source, name or type(model).__name__)
-    managed.name = manager.register(managed)
+    record = ManagedModel(model, config, source, name or type(model).__name__)
+    record.name = manager.register(record)
     try:
-        _bind(managed, model, config, source, keep_fp32)
+        _bind(record, model, config, source, keep_fp32)
     except BaseException:
-        manager.unregister(managed)
+        _teardown(record)
+        manager.unregister(record)
         raise
-    return managed
+    return model
 
 
-def _bind(managed: ManagedModel, model: torch.nn.Module, config: VramConfig, source: WeightSource | None,
-          keep_fp32: Sequence[str] | None) -> None:
-    # Every name each parameter goes by (tied parameters have several).
+def _entries(model: torch.nn.Module, config: VramConfig, source: WeightSource | None,
+             keep_fp32: Sequence[str] | None) -> dict[int, Entry]:
+    """One Entry per unique parameter, checked against the files."""
     names: dict[int, list[str]] = {}
     for key, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(key)
-
-    plan: list[tuple[str, torch.nn.Module, list[tuple[str, torch.nn.Parameter]]]] = []
-    slots_by_param: dict[int, Slot] = {}
+    entries: dict[int, Entry] = {}
     problems: list[str] = []
     for module_name, module in model.named_modules():
-        direct = [(n, p) for n, p in module._parameters.items() if p is not None]
-        if not direct:
-            continue
-        plan.append((module_name, module, direct))
-        for param_name, param in direct:
-            if id(param) in slots_by_param:
+        for param in module._parameters.values():
+            if param is None or id(param) in entries:
                 continue
             keys = names[id(param)]
             info = None
@@ -581,78 +341,114 @@ def _bind(managed: ManagedModel, model: torch.nn.Module, config: VramConfig, sou
             if not param.dtype.is_floating_point:
                 problems.append(f"parameter {keys[0]!r} has non-float dtype {param.dtype}; not supported")
                 continue
-            slot_config = _slot_config(model, module, config, module_name, keys[0], keep_fp32)
-            slots_by_param[id(param)] = Slot(managed, module_name, keys, param.shape, slot_config, info)
+            entry_config = tensor_config(model, module, config, module_name, keys[0], keep_fp32)
+            entries[id(param)] = Entry(keys, tuple(param.shape), entry_config, info,
+                                       make_placeholder(param.shape, entry_config.computation))
     if problems:
         where = f" in {source.describe()}" if source is not None else ""
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise ValueError(f"weights do not match {type(model).__name__}{where}: {shown}")
     if source is not None:
-        unused = set(source.tensors) - {k for slot in slots_by_param.values() for k in slot.keys} \
+        unused = set(source.tensors) - {k for e in entries.values() for k in e.keys} \
             - set(model.state_dict(keep_vars=True).keys())
         if unused:
-            log.info("%s: %d key(s) in the weights are not in the model (e.g. %s)", managed.name,
+            log.info("%s: %d key(s) in the weights are not in the model (e.g. %s)", type(model).__name__,
                      len(unused), sorted(unused)[:3])
+    return entries
+
+
+def _make_group(record: ManagedModel, plan: GroupPlan, entries: dict[int, Entry]) -> tuple[Group, list]:
+    group_entries: list[Entry] = []
+    index: dict[int, int] = {}
+    installs = []
+    params = []
+    for _, module in plan.members:
+        for param_name, param in module._parameters.items():
+            if param is None:
+                continue
+            if id(param) not in index:
+                index[id(param)] = len(group_entries)
+                group_entries.append(entries[id(param)])
+                params.append(param)
+            installs.append((module._parameters, param_name, index[id(param)]))
+    group = Group(record, plan.name, [m for _, m in plan.roots], group_entries, installs,
+                  [n for n, _ in plan.members])
+    group.block = plan.block
+    return group, params
+
+
+def _expected_need(group: Group, state: str) -> int:
+    """What a forward of the group adds on the device with its base at ``state``'s placement."""
+    placement, dtypes = dtypes_at(group, state)
+    if placement.is_disk:
+        dtypes = tuple(e.info.dtype for e in group.entries)
+    casts = sum(e.numel * p.itemsize for e, d, p in zip(group.entries, dtypes, group.preparing) if d != p)
+    compute = sum(e.numel * c.itemsize for e, p, c in zip(group.entries, group.preparing, group.computing) if p != c)
+    on_device = not placement.is_disk and placement.device == group.device
+    moved = 0 if on_device else sum(e.numel * d.itemsize for e, d in zip(group.entries, dtypes))
+    return moved + casts + compute
+
+
+def _bind(record: ManagedModel, model: torch.nn.Module, config: VramConfig, source: WeightSource | None,
+          keep_fp32: Sequence[str] | None) -> None:
+    entries = _entries(model, config, source, keep_fp32)
+    plans = plan_groups(model, config.granularity)
+    made = [_make_group(record, plan, entries) for plan in plans]
+    if record.cap_bytes:
+        # A block larger than the cap streams leaf by leaf.
+        resplit = []
+        for plan, (group, params) in zip(plans, made):
+            need = max(_expected_need(group, "offload"), _expected_need(group, "onload"))
+            if plan.block and len(plan.members) > 1 and need > record.cap_bytes:
+                log.info("%s: block %r needs %.4f GiB, more than vram_limit=%s GiB: streamed leaf by leaf",
+                         record.name, plan.name, need / GIB, config.vram_limit)
+                resplit.extend(_make_group(record, leaf, entries) for leaf in split(plan))
+            else:
+                resplit.append((group, params))
+        made = resplit
+    record.groups = [group for group, _ in made]
+    record.entries = list(entries.values())
+    if source is not None:
+        largest = max(g.file_layout.nbytes for g in record.groups) if record.groups else 0
+        record.pool = ArenaPool(largest, pin=record.pins, keep=config.prefetch + 1, wait=record.mover.host_done)
+        if config.uses_disk and config.ram_cache_gib:
+            record.cache = RamCache(record.name, int(config.ram_cache_gib * GIB), record.pins)
 
     _bind_buffers(model, config, source)
+    largest_need = max((max(_expected_need(g, "offload"), _expected_need(g, "onload")) for g in record.groups),
+                       default=0)
+    record.window_bytes = largest_need * (config.prefetch + 1)
 
-    # Bases at the offload placement, one layer at a time so peak RAM stays one layer above
-    # the result; the model's own tensors are dropped as soon as their placeholders go in.
-    initialized: dict[int, Slot] = {}
-    try:
-        for module_name, module, direct in plan:
-            for param_name, param in direct:
-                slot = slots_by_param[id(param)]
-                if id(slot) not in initialized:
-                    initialized[id(slot)] = slot
-                    _initial_base(slot, param, source)
-    except BaseException:
-        with get_manager().lock:  # a failed bind leaves nothing charged behind
-            for slot in initialized.values():
-                slot._drop_base()
-        raise
-    for module_name, module, direct in plan:
-        entries = []
-        for param_name, param in direct:
-            entries.append((param_name, slots_by_param[id(param)]))
-        layer = ManagedLayer(managed, module_name, module, entries)
-        layer.show_placeholders()
-        managed.layers.append(layer)
-        module._apply = types.MethodType(_guarded_apply, module)
-    managed.slots = list(dict.fromkeys(slots_by_param.values()))
-    managed.drop_scratch()
-    for layer in managed.layers:
-        layer.refresh_static()
-    managed._measure_needs()
-    managed.check_cap()
+    # Bases at the offload placement, one group at a time so peak RAM stays one group above
+    # the result; the model's own tensors go as soon as the placeholders are in.
+    for group, params in made:
+        use = None if source is not None or any(p.device.type == "meta" for p in params) else params
+        record.rest(group, "offload", use)
+        del params[:]
+    record.drop_scratch()
+    counters = get_manager().counters
+    if record.pins:
+        counters.pin_failures += sum(1 for g in record.groups for c in g.host_copies.values() if not c.arena.pinned)
+    record.measure()
+    record.check_cap()
 
-    managed._handles = [
-        model.register_forward_pre_hook(managed._run_start, prepend=True),
-        model.register_forward_hook(managed._run_end, always_call=True),
+    record.schedule = Schedule(record.groups, config.prefetch)
+    record.hooks = [GroupHooks(group, record.schedule) for group in record.groups]
+    for group in record.groups:
+        for module_name in group.modules:
+            module = model.get_submodule(module_name)
+            module._apply = types.MethodType(_guarded_apply, module)
+            record._handles.append(module.register_state_dict_post_hook(_state_dict_hook(record, group, module)))
+    record._handles += [
+        model.register_forward_pre_hook(record._run_start, prepend=True),
+        model.register_forward_hook(record._run_end, always_call=True),
     ]
-    for layer in managed.layers:
-        managed._handles.append(layer.module.register_state_dict_post_hook(_state_dict_hook(managed, layer)))
-    object.__setattr__(model, _MANAGED_ATTR, managed)
-    summary = managed.summary()
-    log.info("%s under VRAM management: %d layers, %s; computation %s, vram_limit %s GiB, prefetch %d",
-             managed.name, summary["layers"],
+    object.__setattr__(model, _MANAGED_ATTR, record)
+    summary = record.summary()
+    log.info("%s under VRAM management: %d groups (%d blocks), %s; computation %s, vram_limit %s GiB, prefetch %d",
+             record.name, summary["groups"], summary["blocks"],
              ", ".join(f"{n / GIB:.3f} GiB on {where}" for where, n in summary["stored_bytes"].items()),
              config.computation, config.vram_limit, config.prefetch)
-
-
-def _initial_base(slot: Slot, param: torch.nn.Parameter, source: WeightSource | None) -> None:
-    placement = slot.config.offload
-    if placement.is_disk:
-        slot.base_placement = placement
-        return
-    if source is not None or param.device.type == "meta":
-        slot.set_base(placement)
-        return
-    data = param.detach()
-    if data.device == placement.device and data.dtype == placement.dtype:
-        slot.adopt_base(data, placement)
-    else:
-        slot.adopt_base(data.to(device=placement.device, dtype=placement.dtype), placement)
 
 
 def _bind_buffers(model: torch.nn.Module, config: VramConfig, source: WeightSource | None) -> None:
@@ -677,12 +473,14 @@ def _bind_buffers(model: torch.nn.Module, config: VramConfig, source: WeightSour
             module._buffers[buffer_name] = value
 
 
-def _state_dict_hook(managed: ManagedModel, layer: ManagedLayer):
+def _state_dict_hook(record: ManagedModel, group: Group, module: torch.nn.Module):
+    where = [(name, index) for params, name, index in group.installs if params is module._parameters]
+
     def hook(module, state_dict, prefix, local_metadata):
-        for param_name, slot in layer.entries:
+        for param_name, index in where:
             key = prefix + param_name
             if key in state_dict:
-                state_dict[key] = managed.host_tensor(slot)
+                state_dict[key] = record.host_tensor(group, index)
         return None
     return hook
 
@@ -717,8 +515,44 @@ def onload(model: torch.nn.Module) -> None:
 
 
 def offload(model: torch.nn.Module) -> None:
-    """The model will not be used for a while: drop staged copies, weights to offload."""
+    """The model will not be used for a while: staged copies freed, weights at the offload
+    placement (host arenas are kept: nothing is copied back)."""
     managed(model).set_state(ModelState.OFFLOAD)
+
+
+def _teardown(record: ManagedModel) -> None:
+    """Free every copy the core holds for a model: reads in flight waited for first."""
+    for group in record.groups:
+        group.settle()
+    record.mover.synchronize()
+    with get_manager().lock:
+        for group in record.groups:
+            group.free()
+    if record.cache is not None:
+        record.cache.clear()
+    if record.pool is not None:
+        record.pool.close()
+    record.drop_scratch()
+
+
+def _unhook(model: torch.nn.Module, what: str) -> ManagedModel:
+    """The first half of leaving management: no forward running, hooks off."""
+    record = managed(model)
+    with get_manager().lock:
+        if any(group.users for group in record.groups):
+            raise RuntimeError(f"{record.name}: cannot {what} during a forward")
+    for group in record.groups:
+        group.settle()
+    for handle in record._handles:
+        handle.remove()
+    for hooks in record.hooks:
+        hooks.remove()
+    return record
+
+
+def _forget(model: torch.nn.Module, record: ManagedModel) -> None:
+    get_manager().unregister(record)
+    object.__delattr__(model, _MANAGED_ATTR)
 
 
 def release(model: torch.nn.Module) -> None:
@@ -726,52 +560,26 @@ def release(model: torch.nn.Module) -> None:
     its weight files and unregister it. The model keeps its placeholders and cannot run
     again; use this when discarding a model, ``disable_vram_management`` to keep it."""
     record = _unhook(model, "release")
-    with get_manager().lock:
-        for slot in record.slots:
-            slot._drop_base()
+    _teardown(record)
     _forget(model, record)
-    record.drop_scratch()
     if record.source is not None:
         record.source.close()
-
-
-def _unhook(model: torch.nn.Module, what: str) -> ManagedModel:
-    """The first half of leaving management: no forward running, staged copies freed, hooks off."""
-    record = managed(model)
-    with get_manager().lock:
-        if any(slot.users for slot in record.slots):
-            raise RuntimeError(f"{record.name}: cannot {what} during a forward")
-        for slot in record.slots:
-            slot.clear()
-    for handle in record._handles:
-        handle.remove()
-    for layer in record.layers:
-        layer.remove_hooks()
-    return record
-
-
-def _forget(model: torch.nn.Module, record: ManagedModel) -> None:
-    """The second half: the RAM cache dropped, the manager and the model no longer know it."""
-    record.clear_cache()
-    get_manager().unregister(record)
-    object.__delattr__(model, _MANAGED_ATTR)
 
 
 def disable_vram_management(model: torch.nn.Module) -> torch.nn.Module:
     """Make ``model`` a plain model again, with real Parameters at the computation placement."""
     record = _unhook(model, "disable management")
-    params: dict[int, torch.nn.Parameter] = {}
-    for layer in record.layers:
-        if "_apply" in layer.module.__dict__:
-            del layer.module.__dict__["_apply"]
-        for param_name, slot in layer.entries:
-            if id(slot) not in params:
-                source = slot.base if slot.base is not None else slot.read()
-                tensor = source.to(device=slot.config.computation.device, dtype=slot.config.computation.dtype)
-                params[id(slot)] = torch.nn.Parameter(tensor, requires_grad=False)
-            layer.module._parameters[param_name] = params[id(slot)]
-    with get_manager().lock:
-        for slot in record.slots:
-            slot._drop_base()
+    for group in record.groups:
+        tensors = group.base_tensors()
+        values = []
+        for index, entry in enumerate(group.entries):
+            value = tensors[index] if tensors is not None else record.source.read_info(entry.info)
+            value = value.to(device=entry.config.computation.device, dtype=entry.config.computation.dtype, copy=True)
+            values.append(torch.nn.Parameter(value, requires_grad=False))
+        group.install(values)
+        for module_name in group.modules:
+            module = model.get_submodule(module_name)
+            module.__dict__.pop("_apply", None)
+    _teardown(record)
     _forget(model, record)
     return model

@@ -1,8 +1,10 @@
-"""Read-only access to .safetensors files, one tensor at a time.
+"""Read-only access to .safetensors files: single tensors, or a group in few reads.
 
 Only the JSON headers are parsed up front. Tensors are read with ``os.preadv`` into memory
 the caller owns (pageable or pinned), so the file is never mapped: resident RAM grows by what
-is read, not by the file size, and the files are opened read-only and never written.
+is read, not by the file size, and the files are opened read-only and never written. A group
+of tensors is read with one ``preadv`` per run of adjacent byte ranges in a file, scattered
+straight into the caller's buffers. Closing a file waits for the reads in flight on it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 _MAX_HEADER = 100 * 1024 * 1024
+try:
+    _IOV_MAX = max(16, min(1024, os.sysconf("SC_IOV_MAX")))
+except (ValueError, OSError, AttributeError):
+    _IOV_MAX = 1024
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,8 @@ class SafetensorsFile:
             raise FileNotFoundError(f"weights file not found: {self.path}")
         self._fd: int | None = None
         self._fd_lock = threading.Lock()
+        self._idle = threading.Condition(self._fd_lock)
+        self._reading = 0  # reads in flight: close() waits for them
         self.tensors = self._read_header()
 
     def _read_header(self) -> dict[str, TensorInfo]:
@@ -84,11 +92,18 @@ class SafetensorsFile:
             tensors[key] = TensorInfo(self, key, dtype, shape, data_start + begin, end - begin)
         return tensors
 
-    def _descriptor(self) -> int:
+    def _begin_read(self) -> int:
         with self._fd_lock:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._reading += 1
             return self._fd
+
+    def _end_read(self) -> None:
+        with self._fd_lock:
+            self._reading -= 1
+            if not self._reading:
+                self._idle.notify_all()
 
     def read(self, key: str, *, pin_memory: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor ``key`` as a CPU tensor in its file dtype: new (pinned if asked), or a
@@ -99,18 +114,43 @@ class SafetensorsFile:
         else:
             buffer = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
         if info.nbytes:
-            view = memoryview(buffer.numpy())
-            done = 0
-            fd = self._descriptor()
-            while done < info.nbytes:
-                got = os.preadv(fd, [view[done:]], info.offset + done)
-                if got <= 0:
-                    raise ValueError(f"{self.path}: unexpected end of file while reading {key!r}")
-                done += got
+            self.read_run([memoryview(buffer.numpy())], info.offset, info.key)
         return buffer.view(info.dtype).reshape(info.shape)
 
+    def read_run(self, views: list[memoryview], offset: int, what: str) -> int:
+        """Fill ``views`` (byte buffers) from the file's bytes starting at ``offset``, in as
+        few ``preadv`` calls as the system allows; returns how many were made."""
+        calls = 0
+        fd = self._begin_read()
+        try:
+            start = 0
+            while start < len(views):
+                chunk = views[start:start + _IOV_MAX]
+                want = sum(v.nbytes for v in chunk)
+                got = os.preadv(fd, chunk, offset)
+                calls += 1
+                if got <= 0:
+                    raise ValueError(f"{self.path}: unexpected end of file while reading {what!r}")
+                offset += got
+                if got == want:
+                    start += len(chunk)
+                    continue
+                # A short read: skip what arrived and go on from the first unfilled byte.
+                for index, view in enumerate(chunk):
+                    if got < view.nbytes:
+                        views = views[:start + index] + [view[got:]] + views[start + index + 1:]
+                        start += index
+                        break
+                    got -= view.nbytes
+        finally:
+            self._end_read()
+        return calls
+
     def close(self) -> None:
+        """Close the descriptor once no read is in flight on it (a later read reopens it)."""
         with self._fd_lock:
+            while self._reading:
+                self._idle.wait()
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -139,6 +179,7 @@ class WeightSource:
                     raise ValueError(f"key {key!r} is in both {self.tensors[key].file.path} and {file.path}")
                 self.tensors[key] = info
         self.bytes_read = 0
+        self.preadv_calls = 0
         self._lock = threading.Lock()
 
     def __contains__(self, key: str) -> bool:
@@ -161,7 +202,20 @@ class WeightSource:
         tensor = info.file.read(info.key, pin_memory=pin_memory, out=out)
         with self._lock:
             self.bytes_read += info.nbytes
+            self.preadv_calls += 1 if info.nbytes else 0
         return tensor
+
+    def read_into(self, targets: Sequence[tuple[TensorInfo, torch.Tensor]]) -> int:
+        """Read many tensors straight into the caller's buffers (uint8 CPU tensors of each
+        tensor's size): one ``preadv`` per run of tensors adjacent in a file. Returns the
+        number of ``preadv`` calls."""
+        calls = 0
+        for file, offset, views, what in coalesce(targets):
+            calls += file.read_run(views, offset, what)
+        with self._lock:
+            self.bytes_read += sum(info.nbytes for info, _ in targets)
+            self.preadv_calls += calls
+        return calls
 
     def rename_keys(self, rename: Callable[[str], str]) -> None:
         """Address tensors by the model's names: ``rename(file_key)`` gives the key the model
@@ -187,6 +241,23 @@ class WeightSource:
     def close(self) -> None:
         for file in self.files:
             file.close()
+
+
+def coalesce(targets: Sequence[tuple[TensorInfo, torch.Tensor]]):
+    """(file, offset, views, first key) per run of byte ranges adjacent in one file."""
+    ordered = sorted((t for t in targets if t[0].nbytes), key=lambda t: (id(t[0].file), t[0].offset))
+    runs = []
+    for info, buffer in ordered:
+        if buffer.nbytes != info.nbytes:
+            raise ValueError(f"read buffer for {info.key!r} has {buffer.nbytes} bytes, the tensor {info.nbytes}")
+        view = memoryview(buffer.numpy())
+        last = runs[-1] if runs else None
+        if last is not None and last[0] is info.file and last[4] == info.offset:
+            last[2].append(view)
+            last[4] = info.offset + info.nbytes
+        else:
+            runs.append([info.file, info.offset, [view], info.key, info.offset + info.nbytes])
+    return [(file, offset, views, key) for file, offset, views, key, _ in runs]
 
 
 def _resolve(weights) -> list[Path]:

@@ -1,13 +1,13 @@
-"""The one manager per process: budgets, the ledger, eviction and the counters.
+"""The one manager per process: budgets, the ledger, eviction.
 
-Every tensor the core allocates for a layer is charged to the ledger under its device, model,
-layer and kind (``base``: the model-level copy; ``prepared``: staged on the computation
-device; ``computation``: the transient copy in the computation dtype; ``cache``: weights read
-from disk kept in RAM). A device's budget bounds what may be charged there; when a charge
-does not fit, the manager evicts prepared copies that no forward is using (other models'
+Every buffer the core allocates for a group is charged to the ledger under its device, model,
+group and kind (``base``: the model-level copy; ``prepared``: staged on the computation
+device; ``computation``: the transient copies in the computation dtype; ``cache``: groups
+read from disk kept in RAM). A device's budget bounds what may be charged there; when a
+charge does not fit, the manager evicts staged copies that no forward is using (other models'
 first, least recently used first) before it says no.
 
-All ledger and slot-state changes happen under one lock, so models run from several threads
+All ledger and group-state changes happen under one lock, so models run from several threads
 share the device without corrupting each other's state.
 """
 
@@ -15,63 +15,27 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
 import torch
 
 from .config import GIB
+from .reports import Counters, RunReport
 
 if TYPE_CHECKING:
-    from .layers import Slot
+    from .group import Group
     from .model import ManagedModel
 
 log = logging.getLogger(__name__)
 
+
+class VramLimitError(RuntimeError):
+    """A group cannot be brought in without going over the device's budget."""
+
 KINDS = ("base", "prepared", "computation", "cache")
-
-
-@dataclass
-class Counters:
-    """What moved since the process started (or since ``reset_counters``)."""
-
-    bytes_to_device: int = 0      # host -> accelerator copies
-    bytes_read_from_disk: int = 0
-    transfer_wait_s: float = 0.0  # time forwards waited for weights not yet there
-    prefetch_hits: int = 0        # a layer's weights were already staged when it ran
-    prefetch_misses: int = 0
-    evictions: int = 0
-    evicted_bytes: int = 0
-
-
-@dataclass
-class RunReport:
-    """One top-level forward of a managed model: peak memory against the cap."""
-
-    model: str
-    device: str
-    cap_bytes: int | None
-    peak_reserved_bytes: int | None  # torch's reserved peak on CUDA; None on the CPU
-    peak_ledger_bytes: int           # the core's own charges on the device at their peak
-    activation_bytes: int | None
-    seconds: float
-
-    @property
-    def within_cap(self) -> bool | None:
-        if self.cap_bytes is None:
-            return None
-        peak = self.peak_reserved_bytes if self.peak_reserved_bytes is not None else self.peak_ledger_bytes
-        return peak <= self.cap_bytes
-
-    def describe(self) -> str:
-        def gib(n):
-            return "n/a" if n is None else f"{n / GIB:.3f} GiB"
-        cap = "no cap" if self.cap_bytes is None else f"cap {gib(self.cap_bytes)}"
-        verdict = {None: "", True: " (within cap)", False: " (ABOVE CAP)"}[self.within_cap]
-        return (f"{self.model} on {self.device}: peak reserved {gib(self.peak_reserved_bytes)}, "
-                f"core peak {gib(self.peak_ledger_bytes)}, {cap}{verdict}, {self.seconds:.3f} s")
 
 
 class Manager:
@@ -184,52 +148,91 @@ class Manager:
                         if m.budget_key == str(device) and (own or m is not requester))
         if not evictable or not self.fits(device, nbytes - evictable, headroom):
             return False
-        for slot in self._eviction_candidates(device, requester, own):
-            slot.evict()
+        for group in self._eviction_candidates(device, requester, own):
+            group.evict()
             if self.fits(device, nbytes, headroom):
                 return True
         return False
+
+    def reserve(self, requester: "ManagedModel", nbytes: int) -> None:
+        """Make room for a copy the current forward needs (caller holds the lock).
+
+        Evicts idle copies, then drops prefetches nobody uses yet; while another forward on
+        the device holds what is missing, waits for it to release (up to a minute).
+        """
+        if requester.config.vram_limit == 0:
+            return
+        device = requester.budget_key
+        deadline = time.monotonic() + 60.0
+        while True:
+            if self.make_room(device, nbytes, requester):
+                return
+            if self.reclaim_prefetches(device):
+                continue
+            if not self.busy(device, besides=requester) or time.monotonic() > deadline:
+                break
+            self.room.wait(0.05)
+        budget = self.budget(device)
+        raise VramLimitError(
+            f"{requester.name}: {nbytes / GIB:.4f} GiB more on {device} would pass its budget "
+            f"({self.resident_bytes(device) / GIB:.4f} GiB held by the core, budget "
+            f"{(budget or 0) / GIB:.4f} GiB after {self.activation_reserve(device) / GIB:.4f} GiB "
+            f"kept for activations). Raise vram_limit or lower the resolution/batch.")
+
+    def keeps(self, model: "ManagedModel", group: "Group") -> bool:
+        """Whether a group's staged copy stays after its forward (caller holds the lock)."""
+        limit = model.config.vram_limit
+        if limit == 0:
+            return False
+        if limit is None:
+            # Without a cap, a CPU that computes from disk keeps nothing: the point of the
+            # disk tier is RAM, and the RAM cache is the knob for keeping weights there.
+            return not (group.base is None and model.budget_key == "cpu")
+        if not model.runs_done:
+            return False  # the first forward streams: its activation peak is not known yet
+        # Kept, this copy stops being part of the streaming window; the window (whatever of
+        # it is not in flight now) must still fit beside everything kept. The running model
+        # comes first: idle models' kept copies make way for it.
+        headroom = max(0, model.window_bytes - model.streaming_bytes + group.charged)
+        return self.make_room(device=model.budget_key, nbytes=0, requester=model, headroom=headroom, own=False)
 
     def reclaim_prefetches(self, device: str) -> bool:
         """Drop staged copies no forward uses yet (finished or not yet started prefetches).
         True if anything was dropped. Caller holds the lock."""
         dropped = False
         for model in self._models.values():
-            for slot in model.slots:
-                future = slot.pending
-                if future is None or slot.users or slot.config.preparing.device is None:
-                    continue
-                if str(slot.config.preparing.device) != device:
-                    continue
-                if future.done() or future.cancel():
-                    slot.pending = None
-                    slot.drop_prepared()
+            if model.budget_key != device:
+                continue
+            for group in model.groups:
+                if group.reclaim():
                     dropped = True
         return dropped
 
     def busy(self, device: str, besides: "ManagedModel") -> bool:
-        """Whether memory on ``device`` will be released soon: another model holds layers in use
+        """Whether memory on ``device`` will be released soon: another model holds groups in use
         or copies in flight, or a read of the waiting model itself is still running."""
         for model in self._models.values():
             if model.budget_key != device:
                 continue
             if model is besides:  # its own forward is the one waiting; only its reads count
-                if any(slot.pending is not None and not slot.pending.done() for slot in model.slots):
+                if any(group.reading for group in model.groups):
                     return True
-            elif any(slot.users or slot.pending is not None for slot in model.slots):
+            elif any(group.users or group.pending is not None for group in model.groups):
                 return True
         return False
 
-    def _eviction_candidates(self, device, requester, own) -> Iterable["Slot"]:
+    def _eviction_candidates(self, device, requester, own) -> Iterable["Group"]:
         others, mine = [], []
         for model in self._models.values():
-            for slot in model.slots:
-                if slot.evictable_on(device):
-                    (mine if model is requester else others).append(slot)
-        others.sort(key=lambda s: s.last_used)
-        # Within the running model keep the earliest layers: a cyclic schedule gains nothing
+            if model.budget_key != device:
+                continue
+            for group in model.groups:
+                if group.evictable:
+                    (mine if model is requester else others).append(group)
+        others.sort(key=lambda g: g.last_used)
+        # Within the running model keep the earliest groups: a cyclic schedule gains nothing
         # from LRU, and dropping the most recently used keeps the others' order stable.
-        mine.sort(key=lambda s: -s.last_used)
+        mine.sort(key=lambda g: -g.last_used)
         return others + (mine if own else [])
 
     def tick(self) -> int:
@@ -282,7 +285,7 @@ class Manager:
                                 "activation_reserve_bytes": self._activation_reserve[d]}
                             for d, b in self._device_bytes.items()},
                 "models": {name: {"state": m.state.value, "resident": per_model.get(name, {}),
-                                  "summary": m.summary(), "layers": m.layer_states()}
+                                  "summary": m.summary(), "groups": m.group_states()}
                            for name, m in self._models.items()},
                 "counters": dict(vars(self.counters)),
                 "last_runs": [vars(r) | {"within_cap": r.within_cap} for r in self.reports[-8:]],
