@@ -291,6 +291,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch compute threads in every row (default: torch's own choice); fewer than "
                              "the cores leaves one for the disk tier's reader, as on a machine that computes on a GPU")
+    parser.add_argument("--omp-wait-policy", default=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+                        help="OpenMP's OMP_WAIT_POLICY in every row (default PASSIVE, what `import vram` sets "
+                             "before torch loads; ACTIVE lets idle compute threads spin, as torch does by default)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed forwards first (default 2; 1 quick)")
     parser.add_argument("--repeats", type=int, default=None, help="timed forwards (default 7; 3 quick)")
     parser.add_argument("--seed", type=int, default=0)
@@ -362,6 +365,7 @@ def main() -> int:
               "--tokens", str(args.tokens), "--warmup", str(warmup), "--repeats", str(repeats),
               "--weights", str(weights)] + (["--threads", str(args.threads)] if args.threads else [])
     env = dict(os.environ)
+    env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     outputs = out_dir / "outputs"
     shutil.rmtree(outputs, ignore_errors=True)
@@ -409,6 +413,7 @@ def main() -> int:
             result["max_abs_err"] = (out - reference).abs().max().item()
             result["ref_max_abs"] = reference.abs().max().item()
 
+    info["omp_wait_policy"] = args.omp_wait_policy
     report = render(results, info, spec, weight_bytes, args.tokens, warmup, repeats, weights)
     report += f"\n\nTotal benchmark time {time.perf_counter() - total_started:.0f} s.\n"
     print()
@@ -496,7 +501,8 @@ def render(results: dict, info: dict, spec: dict, weight_bytes: int, tokens: int
     lines = [
         f"Date: {info['date']}",
         f"Machine: {info['cpu_count']} CPUs ({info['cpu_model']}), {info['ram_gib']:.1f} GiB RAM, "
-        f"torch {info['torch']} ({info['torch_threads']} threads), Python {info['python']}",
+        f"torch {info['torch']} ({info['torch_threads']} threads), Python {info['python']}, "
+        f"OMP_WAIT_POLICY={info.get('omp_wait_policy', 'unset')} in every row",
         f"Code: commit {info.get('commit') or 'unknown'}",
         f"Model: SyntheticStack hidden={spec['hidden']} blocks={spec['blocks']} mlp_ratio={spec['mlp_ratio']}, "
         f"{weight_bytes / 1e6:,.0f} MB ({weight_bytes / GIB:.3f} GiB) of bf16 weights; input 1x{tokens}x{spec['hidden']} "

@@ -1,4 +1,4 @@
-"""The CUDA paths: side-stream copies ordered by events, pinned host memory, the cap.
+"""The CUDA paths: side-stream copies ordered by events, pinned arenas, the cap.
 
 Marked `cuda`; skipped on machines without an NVIDIA GPU (CI has none)."""
 
@@ -56,7 +56,7 @@ def test_streaming_respects_the_cap_and_prefetches(tmp_path):
     vram.enable_vram_management(model, config(("cpu", torch.bfloat16)), vram_limit=limit, weights=path)
     vram.onload(model)
     counters = vram.get_manager().counters
-    hits = counters.prefetch_hits
+    hits, sync, failures = counters.prefetch_hits, counters.sync_copies, counters.pin_failures
     with torch.no_grad():
         for _ in range(3):
             assert torch.equal(model(x), expected)
@@ -65,16 +65,37 @@ def test_streaming_respects_the_cap_and_prefetches(tmp_path):
     assert report.within_cap, report.describe()
     assert counters.prefetch_hits > hits
     assert counters.bytes_to_device > 0
+    # Every copy came from a pinned arena, asynchronously.
+    assert counters.sync_copies == sync and counters.pin_failures == failures
     vram.disable_vram_management(model)
 
 
-def test_host_weights_are_pinned_in_place(tmp_path):
+@pytest.mark.parametrize("with_files", [False, True])
+def test_host_arenas_are_pinned_once(tmp_path, with_files):
+    """Bound from its files or from its own tensors, every group's host arena is pinned, and
+    the same pinned pages survive onload/offload (model-level offload copies nothing back)."""
     model = Stack(width=1024, depth=2)
-    vram.enable_vram_management(model, config(("cpu", torch.float32), torch.float32, torch.float32))
+    weights = save_weights(model, tmp_path) if with_files else None
+    if with_files:
+        with vram.empty_weights():
+            model = Stack(width=1024, depth=2)
+    cfg = config(("cpu", torch.float32), torch.float32, torch.float32)
+    cfg.update(onload_device="cuda", onload_dtype=torch.float32)
+    vram.enable_vram_management(model, cfg, weights=weights)
     record = vram.managed(model)
-    big = [slot for slot in record.slots if slot.numel * 4 >= 1 << 20]
-    assert big and all(slot.base.is_pinned() for slot in big)
-    vram.disable_vram_management(model)
+    arenas = [held.arena for group in record.groups for held in group.host_copies.values()]
+    assert arenas and all(arena.pinned and arena.buffer.is_pinned() for arena in arenas)
+    pointers = [arena.data_ptr for arena in arenas]
+    x = torch.randn(4, 1024, device="cuda")
+    for _ in range(2):
+        vram.onload(model)
+        with torch.no_grad():
+            model(x)
+        vram.offload(model)
+    assert [arena.data_ptr for group in record.groups for arena in
+            (c.arena for c in group.host_copies.values())] == pointers
+    vram.release(model)
+    assert not any(arena.pinned for arena in arenas)
 
 
 def _flat(inputs):

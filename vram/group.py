@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from .arena import Arena, Layout
-from .budget import VramLimitError, get_manager
+from .budget import get_manager
 from .config import Placement, VramConfig
 from .mover import Landing, submit
 from .weights import TensorInfo
@@ -235,6 +235,10 @@ class Group:
             landing = self._to_device(arena.buffer[:layout.nbytes], layout, files, self.preparing)
             if pooled:
                 model.pool.release(arena, after=landing.event)
+            else:
+                # A cached arena may be evicted (and unpinned, freed) by the next put: this
+                # background thread waits for the copy out of it first.
+                model.mover.host_done(landing.event)
             return landing
         views = layout.views(arena.buffer)
         if files == self.preparing:
@@ -522,6 +526,8 @@ class Group:
             return
         if self.base is copy:
             self.base = None
+        if copy.arena.pinned:
+            self.model.mover.synchronize()  # no copy may still read pages being unpinned
         copy.arena.close()
         get_manager().refund("host", self.model.name, self.name, "base", copy.layout.nbytes)
 
@@ -593,4 +599,4 @@ def dtypes_at(group: Group, state: str) -> tuple[Placement, tuple]:
     return placements[0], tuple(p.dtype for p in placements)
 
 
-__all__ = ["Entry", "Group", "GroupState", "HostCopy", "Prep", "VramLimitError", "dtypes_at", "make_placeholder"]
+__all__ = ["Entry", "Group", "GroupState", "HostCopy", "Prep", "dtypes_at", "make_placeholder"]

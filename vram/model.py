@@ -24,9 +24,9 @@ import torch
 from .arena import Arena, ArenaPool
 from .budget import RunReport, get_manager
 from .cache import RamCache
-from .casting import casting_rule, tensor_config  # noqa: F401 - casting_rule is re-exported for planners
-from .config import GIB, Placement, VramConfig
-from .group import Entry, Group, GroupState, HostCopy, dtypes_at, make_placeholder
+from .casting import tensor_config
+from .config import GIB, VramConfig
+from .group import Entry, Group, HostCopy, dtypes_at, make_placeholder
 from .grouping import GroupPlan, plan_groups, split
 from .hooks import GroupHooks
 from .meta import has_meta_parameters
@@ -142,7 +142,11 @@ class ManagedModel:
                 with manager.lock:
                     fits = manager.make_room(self.budget_key, nbytes, self, headroom=self.window_bytes)
             if fits:
-                group.set_base(group.land_base(dtypes, params), charge=(self.budget_key, nbytes))
+                landing = group.land_base(dtypes, params)
+                # A resident base is used without hooks (static): the stream that onloads
+                # the model, the one that runs it, is ordered after the copy here.
+                self.mover.wait(landing.event)
+                group.set_base(landing, charge=(self.budget_key, nbytes))
             elif group.base is None and params is not None:
                 group.set_base(group.host_copy(offload_dtypes, params, self.scratch))
             else:
@@ -560,6 +564,10 @@ def release(model: torch.nn.Module) -> None:
     its weight files and unregister it. The model keeps its placeholders and cannot run
     again; use this when discarding a model, ``disable_vram_management`` to keep it."""
     record = _unhook(model, "release")
+    for group in record.groups:  # static groups had their real tensors installed
+        group.show_placeholders()
+        for entry in group.entries:
+            entry.resident = None
     _teardown(record)
     _forget(model, record)
     if record.source is not None:
