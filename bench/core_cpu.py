@@ -48,7 +48,8 @@ if str(HERE) not in sys.path:
 import torch  # noqa: E402
 
 from _common import (serve_worker, GIB, MIB, CpuShare, Memory, block_params, blocks_for_size, build_synthetic, emit,  # noqa: E402
-                     machine_info, make_weights, md_table, proc_status, run_worker, warm_page_cache)
+                     machine_info, make_weights, md_table, proc_status, read_bandwidth, run_worker,
+                     warm_page_cache)
 
 # (mode, label shown in the table)
 ROWS = [
@@ -358,6 +359,10 @@ def main() -> int:
           f"{weight_bytes / GIB:.3f} GiB of bf16 weights in {len(shapes)} tensors; input 1x{args.tokens}x{args.hidden} "
           f"bf16; {warmup} warm-up + {repeats} timed forwards per row", flush=True)
     print(f"weights: {weights} (ready in {made:.1f} s; page cache warmed in {warm:.1f} s)", flush=True)
+    bandwidth = read_bandwidth(weights)
+    info["read_bandwidth"] = bandwidth
+    print(f"limit: one thread copies the page-cached file at {bandwidth / 1e9:.2f} GB/s, so reading the "
+          f"weights once takes {weight_bytes / bandwidth:.3f} s", flush=True)
 
     # ---- run each configuration in a fresh process ----------------------------------------
     results: dict[str, dict] = {}
@@ -504,6 +509,9 @@ def render(results: dict, info: dict, spec: dict, weight_bytes: int, tokens: int
         f"torch {info['torch']} ({info['torch_threads']} threads), Python {info['python']}, "
         f"OMP_WAIT_POLICY={info.get('omp_wait_policy', 'unset')} in every row",
         f"Code: commit {info.get('commit') or 'unknown'}",
+        f"Copy limit: one thread reads the page-cached weights with preadv at "
+        f"{info.get('read_bandwidth', 0) / 1e9:.2f} GB/s, {weight_bytes / max(1.0, info.get('read_bandwidth', 0)):.3f} s "
+        f"per forward's worth of bytes",
         f"Model: SyntheticStack hidden={spec['hidden']} blocks={spec['blocks']} mlp_ratio={spec['mlp_ratio']}, "
         f"{weight_bytes / 1e6:,.0f} MB ({weight_bytes / GIB:.3f} GiB) of bf16 weights; input 1x{tokens}x{spec['hidden']} "
         f"bf16; median of {repeats} forwards after {warmup} warm-up; page cache warm; weights {weights.name}",

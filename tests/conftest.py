@@ -4,7 +4,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
+
+# As `import vram` does when it loads before torch (see vram/__init__.py): idle OpenMP threads
+# sleep instead of spinning, so the reader thread gets a core. conftest imports torch first.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -114,21 +114,23 @@ class Manager:
         with self.lock:
             self._device_peak[str(device)] = self._device_bytes[str(device)]
 
-    def charge(self, device: torch.device, model: str, layer: str, kind: str, nbytes: int) -> None:
+    def charge(self, device: torch.device | str, model: str, group: str, kind: str, nbytes: int) -> None:
         key = str(device)
-        self._ledger[(key, model, layer, kind)] += nbytes
-        self._device_bytes[key] += nbytes
-        if self._device_bytes[key] > self._device_peak[key]:
-            self._device_peak[key] = self._device_bytes[key]
+        with self.lock:
+            self._ledger[(key, model, group, kind)] += nbytes
+            self._device_bytes[key] += nbytes
+            if self._device_bytes[key] > self._device_peak[key]:
+                self._device_peak[key] = self._device_bytes[key]
 
-    def refund(self, device: torch.device, model: str, layer: str, kind: str, nbytes: int) -> None:
+    def refund(self, device: torch.device | str, model: str, group: str, kind: str, nbytes: int) -> None:
         key = str(device)
-        entry = (key, model, layer, kind)
-        self._ledger[entry] -= nbytes
-        if self._ledger[entry] <= 0:
-            del self._ledger[entry]
-        self._device_bytes[key] -= nbytes
-        self.room.notify_all()
+        with self.lock:
+            entry = (key, model, group, kind)
+            self._ledger[entry] -= nbytes
+            if self._ledger[entry] <= 0:
+                del self._ledger[entry]
+            self._device_bytes[key] -= nbytes
+            self.room.notify_all()
 
     def fits(self, device: torch.device, nbytes: int, headroom: int = 0) -> bool:
         budget = self.budget(device)
