@@ -317,11 +317,10 @@ class Session:
         adjusted hardware and the kept host bytes."""
         if self.cache.info is None:
             return hardware, 0
-        devices = vram.stats()["devices"]
-        held = {d: v["resident_bytes"] for d, v in devices.items()}
+        held = _held_bytes()
         gpus = tuple(replace(g, free_bytes=min(g.total_bytes, g.free_bytes + held.get(f"cuda:{g.index}", 0)))
                      for g in hardware.gpus)
-        return replace(hardware, gpus=gpus), held.get("cpu", 0)
+        return replace(hardware, gpus=gpus), held.get("host", 0) + held.get("cpu", 0)
 
     def _predictions(self, plan: SessionPlan, run_plan: RunPlan, *, fresh_decision: bool) -> dict[str, Prediction]:
         """Every preset's peaks under the table's cap (the decision's own, when it was just made
@@ -399,7 +398,11 @@ class Session:
         if not reused:
             self.cache.close()
         rss = monitor.current_rss()
-        kept = plan.prediction.parts.get("weights_in_ram", 0) if reused else 0
+        # What the kept pipeline holds in RAM, as the core counts it (its arenas, whole pages),
+        # else as the planner predicts it.
+        held = _held_bytes()
+        kept = max(plan.prediction.parts.get("weights_in_ram", 0), held.get("host", 0) + held.get("cpu", 0)) \
+            if reused else 0
         run_plan = replace(plan.run_plan, baseline_ram=max(0, rss - kept))
         plan = replace(plan, run_plan=run_plan)
         return replace(plan, predictions=self._predictions(plan, run_plan, fresh_decision=False))
@@ -454,3 +457,9 @@ def _custom_preset(configs: dict[str, dict]) -> Preset:
     """The user's configs as a preset the planner can read."""
     return Preset(CUSTOM, "your own configs", configs, any(c.get("vram_limit") is not None for c in configs.values()),
                   Path("<custom>"))
+
+
+def _held_bytes() -> dict[str, int]:
+    """Bytes the core holds per ledger device ("host" for RAM copies, "cpu"/"cuda:N" for
+    copies staged on a computation device)."""
+    return {device: entry["resident_bytes"] for device, entry in vram.stats()["devices"].items()}

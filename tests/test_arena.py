@@ -150,7 +150,7 @@ def test_host_arenas_survive_offload_onload_offload(tmp_path, config_name, with_
             assert torch.equal(model(x), expected)
     host = sum(n for (device, name, _, kind), n in vram.get_manager().ledger().items()
                if device == "host" and name == record.name and kind == "base")
-    assert host == sum(c.layout.nbytes for g in record.groups for c in g.host_copies.values())
+    assert host == sum(c.arena.size for g in record.groups for c in g.host_copies.values())  # whole pages
     vram.release(model)
 
 
@@ -461,17 +461,17 @@ def test_release_with_reads_in_flight(tmp_path):
     manager = vram.get_manager()
 
     source = record.source
-    original = source.read_into
+    original = source.read_runs
     started, gate = threading.Event(), threading.Event()
     readers = []
 
-    def slow_read_into(targets):
+    def slow_read_runs(runs):
         readers.append(threading.current_thread().name)
         started.set()
         gate.wait(WAIT)
-        return original(targets)
+        return original(runs)
 
-    source.read_into = slow_read_into
+    source.read_runs = slow_read_runs
     groups = record.groups
     for group in groups[2:6]:
         group.prefetch()
@@ -561,13 +561,13 @@ def test_disk_reads_run_on_the_reader_thread(tmp_path, monkeypatch):
                                 weights=path)
     source = vram.managed(model).source
     threads = []
-    original = source.read_into
+    original = source.read_runs
 
-    def spy(targets):
+    def spy(runs):
         threads.append(threading.current_thread().name)
-        return original(targets)
+        return original(runs)
 
-    monkeypatch.setattr(source, "read_into", spy)
+    monkeypatch.setattr(source, "read_runs", spy)
     x = torch.randn(2, 256)
     with torch.no_grad():
         for _ in range(3):

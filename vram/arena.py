@@ -138,10 +138,12 @@ class Arena:
     def __init__(self, nbytes: int, *, pin: bool = False):
         self.nbytes = nbytes
         size = _round_up(max(nbytes, 1), PAGE)
+        self.size = size  # whole pages: what the arena adds to the RSS once written
         raw = torch.empty(size + PAGE, dtype=torch.uint8)
         start = (-raw.data_ptr()) % PAGE
         self._pages = (raw.data_ptr() + start, size)
         self.buffer = raw[start:start + nbytes]
+        self.view = memoryview(self.buffer.numpy())  # for reads straight into it
         self.pinned = False
         self.pin_error: str | None = None
         if pin:

@@ -51,7 +51,7 @@ class Manager:
         self._budgets: dict[str, int] = {}
         self._activation_reserve: dict[str, int] = defaultdict(int)
         self._models: "weakref.WeakValueDictionary[str, ManagedModel]" = weakref.WeakValueDictionary()
-        self._clock = 0
+        self.clock = 0  # ticks of group use, for least-recently-used eviction
         self.reports: list[RunReport] = []  # the latest 256
         self.reports_total = 0              # reports ever added: callers slice "since" with it
 
@@ -143,6 +143,8 @@ class Manager:
         Other models' copies go first, least recently used first; the requester's own kept
         copies go only when ``own`` is set.
         """
+        if str(device) not in self._budgets:
+            return True  # no cap on this device
         if self.fits(device, nbytes, headroom):
             return True
         # Without scanning: can evicting everything evictable make it fit at all?
@@ -237,9 +239,6 @@ class Manager:
         mine.sort(key=lambda g: -g.last_used)
         return others + (mine if own else [])
 
-    def tick(self) -> int:
-        self._clock += 1
-        return self._clock
 
     # -- activations and reports -------------------------------------------------------------
     def note_activations(self, device: torch.device, nbytes: int) -> None:

@@ -39,7 +39,7 @@ from .arena import Arena, Layout
 from .budget import get_manager
 from .config import Placement, VramConfig
 from .mover import Landing, submit
-from .weights import TensorInfo
+from .weights import TensorInfo, plan_runs
 
 if TYPE_CHECKING:
     from .model import ManagedModel
@@ -111,7 +111,16 @@ class Group:
         self.device = entries[0].config.computation.device
         self.preparing = tuple(e.config.preparing.dtype for e in entries)
         self.computing = tuple(e.config.computation.dtype for e in entries)
-        self.file_layout = Layout([(e.info.dtype, e.shape) for e in entries]) if entries[0].info else None
+        self.manager = get_manager()
+        self.file_layout = None
+        self.file_dtypes: tuple | None = None
+        self.read_plan: list = []  # (file, offset, bytes, [(start, end) in the arena], key)
+        self.file_nbytes = 0
+        if entries[0].info is not None:
+            self.file_dtypes = tuple(e.info.dtype for e in entries)
+            self.file_layout = Layout([(e.info.dtype, e.shape) for e in entries])
+            self.read_plan = self.plan_reads(self.file_layout)
+            self.file_nbytes = sum(e.info.nbytes for e in entries)
         self.prep_layout = Layout(list(zip(self.preparing, (e.shape for e in entries))))
         self.host_copies: dict[tuple, HostCopy] = {}
         self.base: HostCopy | Landing | None = None
@@ -230,7 +239,7 @@ class Group:
                 arena, pooled = model.pool.acquire(), True
                 self.read_into(arena)
         layout = self.file_layout
-        files = tuple(e.info.dtype for e in self.entries)
+        files = self.file_dtypes
         if self.device.type != "cpu":
             landing = self._to_device(arena.buffer[:layout.nbytes], layout, files, self.preparing)
             if pooled:
@@ -260,7 +269,7 @@ class Group:
             return [v if v.dtype == t else v.to(t) for v, t in zip(views, targets)]
 
         landing = self.model.mover.to_device(host, build)
-        counters = get_manager().counters
+        counters = self.manager.counters
         counters.bytes_to_device += layout.nbytes
         if landing.synchronous:
             counters.sync_copies += 1
@@ -270,14 +279,23 @@ class Group:
     def _cast(tensors: list[torch.Tensor], dtypes: tuple) -> list[torch.Tensor]:
         return [t if t.dtype == d else t.to(d) for t, d in zip(tensors, dtypes)]
 
+    def plan_reads(self, layout: Layout) -> list:
+        """The group's reads for an arena laid out as ``layout``: one per run of its tensors
+        adjacent in a file, each scattered to where the tensors lie in the arena."""
+        infos = [e.info for e in self.entries]
+        slices = layout.slices
+        return [(file, offset, nbytes, [(slices[i].offset, slices[i].offset + slices[i].nbytes) for i in indices], key)
+                for file, offset, nbytes, indices, key in plan_runs(infos)]
+
     def read_into(self, arena: Arena, layout: Layout | None = None) -> None:
         """The group's tensors from its files, straight into ``arena`` (in the file's dtypes;
         ``layout`` must be a layout of those dtypes, by default the file layout)."""
-        layout = layout or self.file_layout
-        targets = list(zip((e.info for e in self.entries), layout.byte_views(arena.buffer)))
-        calls = self.model.source.read_into(targets)
-        counters = get_manager().counters
-        counters.bytes_read_from_disk += sum(e.info.nbytes for e in self.entries)
+        plan = self.read_plan if layout is None else self.plan_reads(layout)
+        view = arena.view
+        calls = self.model.source.read_runs([(file, offset, nbytes, [view[a:b] for a, b in spans], key)
+                                             for file, offset, nbytes, spans, key in plan])
+        counters = self.manager.counters
+        counters.bytes_read_from_disk += self.file_nbytes
         counters.preadv_calls += calls
 
     def _landed(self, landing: Landing) -> None:
@@ -291,14 +309,17 @@ class Group:
         if self.state is not GroupState.RESTING or self.prep is Prep.NONE:
             return
         model = self.model
-        manager = get_manager()
+        manager = self.manager
         with manager.lock:
             if self.state is not GroupState.RESTING:
                 return
             if not manager.make_room(model.budget_key, self.prepared_charge, model,
                                      headroom=model.max_group_need, own=False):
                 return
-            self._charge(self.prepared_charge)
+            nbytes = self.charged = self.prepared_charge
+            if nbytes:
+                manager.charge(model.budget_key, model.name, self.name, "prepared", nbytes)
+            model.streaming_bytes += nbytes
             self.state = GroupState.STAGING
             if not (self.prep is Prep.COPY and model.mover.asynchronous):
                 self.pending = submit(self._stage)
@@ -325,16 +346,18 @@ class Group:
             model = self.model
             if self.users:  # nested, or another thread runs it: the tensors are in place
                 self.users += 1
-                model.mover.wait(self.ready_event)
+                if self.ready_event is not None:
+                    model.mover.wait(self.ready_event)
                 return
-            manager = get_manager()
+            manager = self.manager
             counters = manager.counters
             future = None
             own = False
             try:
                 with manager.lock:
                     counters.hook_entries += 1
-                    self.last_used = manager.tick()
+                    manager.clock += 1
+                    self.last_used = manager.clock
                     state = self.state
                     if self.prep is Prep.NONE:
                         self.state = GroupState.IN_USE
@@ -370,7 +393,8 @@ class Group:
                             self._landed(landing)
                     tensors, event = self.staged.tensors, self.staged.event
                 mover = model.mover
-                mover.wait(event)
+                if event is not None:
+                    mover.wait(event)
                 if self._casts_compute:
                     tensors = list(tensors)
                     computing = self.computing
@@ -378,7 +402,8 @@ class Group:
                         tensors[i] = tensors[i].to(computing[i])
                     event = mover.record()
                 self.ready_event = event
-                self.install(tensors)
+                for params, name, index in self.installs:
+                    params[name] = tensors[index]
             except BaseException:
                 with manager.lock:
                     self.users = 0
@@ -395,13 +420,15 @@ class Group:
             self.users -= 1
             if self.users:
                 return
-            with get_manager().lock:
+            with self.manager.lock:
                 self._leave_locked(keep=True)
 
     def _leave_locked(self, keep: bool) -> None:
         model = self.model
-        manager = get_manager()
-        self.show_placeholders()
+        manager = self.manager
+        entries = self.entries
+        for params, name, index in self.installs:
+            params[name] = entries[index].placeholder
         self.ready_event = None
         if self._compute_charged:
             manager.refund(model.budget_key, model.name, self.name, "computation", self._compute_charged)
@@ -421,6 +448,7 @@ class Group:
         """Any state but IN_USE -> RESTING: the staged copy freed, its charge refunded
         (caller holds the lock and has made sure no read is still writing it)."""
         model = self.model
+        manager = self.manager
         staged = self.staged
         if staged is not None:
             self.staged = None
@@ -429,7 +457,7 @@ class Group:
                 staged.host = None
             model.mover.retire(staged)
         if self.charged:
-            get_manager().refund(model.budget_key, model.name, self.name, "prepared", self.charged)
+            manager.refund(model.budget_key, model.name, self.name, "prepared", self.charged)
             if self.state is GroupState.KEPT:
                 model.kept_bytes -= self.charged
             else:
@@ -517,7 +545,7 @@ class Group:
                 view.copy_(tensor)
         copy = HostCopy(arena, layout, views, dtypes)
         self.host_copies[dtypes] = copy
-        get_manager().charge("host", model.name, self.name, "base", layout.nbytes)
+        get_manager().charge("host", model.name, self.name, "base", arena.size)
         return copy
 
     def drop_host_copy(self, dtypes: tuple) -> None:
@@ -529,7 +557,7 @@ class Group:
         if copy.arena.pinned:
             self.model.mover.synchronize()  # no copy may still read pages being unpinned
         copy.arena.close()
-        get_manager().refund("host", self.model.name, self.name, "base", copy.layout.nbytes)
+        get_manager().refund("host", self.model.name, self.name, "base", copy.arena.size)
 
     def land_base(self, dtypes: tuple, params: list[torch.Tensor] | None) -> Landing:
         """The group's weights on the computation device in ``dtypes``, in one copy: from a

@@ -92,19 +92,6 @@ class SafetensorsFile:
             tensors[key] = TensorInfo(self, key, dtype, shape, data_start + begin, end - begin)
         return tensors
 
-    def _begin_read(self) -> int:
-        with self._fd_lock:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            self._reading += 1
-            return self._fd
-
-    def _end_read(self) -> None:
-        with self._fd_lock:
-            self._reading -= 1
-            if not self._reading:
-                self._idle.notify_all()
-
     def read(self, key: str, *, pin_memory: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor ``key`` as a CPU tensor in its file dtype: new (pinned if asked), or a
         view into ``out``, a uint8 buffer of at least its size that the caller reuses."""
@@ -114,19 +101,26 @@ class SafetensorsFile:
         else:
             buffer = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
         if info.nbytes:
-            self.read_run([memoryview(buffer.numpy())], info.offset, info.key)
+            self.read_run([memoryview(buffer.numpy())], info.offset, info.nbytes, info.key)
         return buffer.view(info.dtype).reshape(info.shape)
 
-    def read_run(self, views: list[memoryview], offset: int, what: str) -> int:
-        """Fill ``views`` (byte buffers) from the file's bytes starting at ``offset``, in as
-        few ``preadv`` calls as the system allows; returns how many were made."""
+    def read_run(self, views: list[memoryview], offset: int, want: int, what: str) -> int:
+        """Fill ``views`` (byte buffers, ``want`` bytes in all) from the file's bytes starting
+        at ``offset``, in as few ``preadv`` calls as the system allows; returns how many."""
+        with self._fd_lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = self._fd
+            self._reading += 1
         calls = 0
-        fd = self._begin_read()
         try:
+            if len(views) > _IOV_MAX:
+                want = -1  # more buffers than one call takes: count bytes chunk by chunk
             start = 0
             while start < len(views):
                 chunk = views[start:start + _IOV_MAX]
-                want = sum(v.nbytes for v in chunk)
+                if want < 0 or start:
+                    want = sum([v.nbytes for v in chunk])
                 got = os.preadv(fd, chunk, offset)
                 calls += 1
                 if got <= 0:
@@ -134,6 +128,7 @@ class SafetensorsFile:
                 offset += got
                 if got == want:
                     start += len(chunk)
+                    want = -1
                     continue
                 # A short read: skip what arrived and go on from the first unfilled byte.
                 for index, view in enumerate(chunk):
@@ -142,8 +137,12 @@ class SafetensorsFile:
                         start += index
                         break
                     got -= view.nbytes
+                want = -1
         finally:
-            self._end_read()
+            with self._fd_lock:
+                self._reading -= 1
+                if not self._reading:
+                    self._idle.notify_all()
         return calls
 
     def close(self) -> None:
@@ -209,11 +208,20 @@ class WeightSource:
         """Read many tensors straight into the caller's buffers (uint8 CPU tensors of each
         tensor's size): one ``preadv`` per run of tensors adjacent in a file. Returns the
         number of ``preadv`` calls."""
-        calls = 0
+        runs = []
         for file, offset, views, what in coalesce(targets):
-            calls += file.read_run(views, offset, what)
+            runs.append((file, offset, sum(v.nbytes for v in views), views, what))
+        return self.read_runs(runs)
+
+    def read_runs(self, runs: Sequence[tuple["SafetensorsFile", int, int, list[memoryview], str]]) -> int:
+        """Read planned runs: (file, offset, bytes, buffers, name for errors) each. Returns the
+        number of ``preadv`` calls."""
+        calls = total = 0
+        for file, offset, nbytes, views, what in runs:
+            calls += file.read_run(views, offset, nbytes, what)
+            total += nbytes
         with self._lock:
-            self.bytes_read += sum(info.nbytes for info, _ in targets)
+            self.bytes_read += total
             self.preadv_calls += calls
         return calls
 
@@ -241,6 +249,23 @@ class WeightSource:
     def close(self) -> None:
         for file in self.files:
             file.close()
+
+
+def plan_runs(infos: Sequence[TensorInfo]) -> list[tuple["SafetensorsFile", int, int, list[int], str]]:
+    """(file, offset, bytes, indices into ``infos``, first key) per run of tensors whose byte
+    ranges are adjacent in one file: what one ``preadv`` can read."""
+    order = sorted((i for i, info in enumerate(infos) if info.nbytes), key=lambda i: (id(infos[i].file), infos[i].offset))
+    runs: list = []
+    end = None
+    for i in order:
+        info = infos[i]
+        if runs and runs[-1][0] is info.file and end == info.offset:
+            runs[-1][2] += info.nbytes
+            runs[-1][3].append(i)
+        else:
+            runs.append([info.file, info.offset, info.nbytes, [i], info.key])
+        end = info.offset + info.nbytes
+    return [tuple(run) for run in runs]
 
 
 def coalesce(targets: Sequence[tuple[TensorInfo, torch.Tensor]]):
