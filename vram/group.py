@@ -122,6 +122,12 @@ class Group:
             self.read_plan = self.plan_reads(self.file_layout)
             self.file_nbytes = sum(e.info.nbytes for e in entries)
         self.prep_layout = Layout(list(zip(self.preparing, (e.shape for e in entries))))
+        # Tensors whose preparing dtype is not their computation dtype (fp8 storage): cast at
+        # each entry; on the CPU into a pooled arena laid out like this (reused memory: fresh
+        # pages cost a fault each, which on some machines is slower than the cast itself).
+        self._casts_compute = [i for i, (p, c) in enumerate(zip(self.preparing, self.computing)) if p != c]
+        self.compute_layout = Layout([(self.computing[i], entries[i].shape) for i in self._casts_compute])
+        self._compute_arena: Arena | None = None
         self.host_copies: dict[tuple, HostCopy] = {}
         self.base: HostCopy | Landing | None = None
         self.base_charge: tuple[str, int] | None = None  # (ledger device, bytes) of a device base
@@ -130,7 +136,6 @@ class Group:
         self.static = False
         self.prepared_charge = 0
         self.compute_charge = 0
-        self._casts_compute: list[int] = []
         # The state machine.
         self.state = GroupState.RESTING
         self.staged: Landing | None = None
@@ -185,9 +190,13 @@ class Group:
         dtypes = self.base_dtypes()
         compute_bytes = sum(e.numel * c.itemsize for e, p, c in zip(self.entries, self.preparing, self.computing)
                             if p != c)
-        self._casts_compute = [i for i, (p, c) in enumerate(zip(self.preparing, self.computing)) if p != c]
         cast_bytes = sum(e.numel * p.itemsize for e, d, p in zip(self.entries, dtypes, self.preparing) if d != p)
-        on_device = isinstance(self.base, Landing) or (isinstance(self.base, HostCopy) and self.device.type == "cpu")
+        on_cpu = self.device.type == "cpu"
+        if on_cpu and cast_bytes:
+            cast_bytes = self.prep_layout.nbytes  # cast into a pooled arena of the preparing layout
+        if on_cpu and compute_bytes:
+            compute_bytes = self.compute_layout.nbytes
+        on_device = isinstance(self.base, Landing) or (isinstance(self.base, HostCopy) and on_cpu)
         if self.base is None:
             self.prep = Prep.READ
             self.prepared_charge = self.file_layout.nbytes + cast_bytes
@@ -222,6 +231,8 @@ class Group:
         """Make the staged copy from the base (any thread: the state says it is ours to make)."""
         prep = self.prep
         if prep is Prep.CAST:
+            if self.device.type == "cpu":
+                return self._cast_pooled(self.base_tensors())
             return Landing(None, self._cast(self.base_tensors(), self.preparing))
         if prep is Prep.COPY:
             base = self.base
@@ -251,13 +262,21 @@ class Group:
             return landing
         views = layout.views(arena.buffer)
         if files == self.preparing:
-            return Landing(None, views, host=arena if pooled else None)
-        tensors = self._cast(views, self.preparing)
-        if any(f == p for f, p in zip(files, self.preparing)):  # some tensors are views into it
-            return Landing(None, tensors, host=arena if pooled else None)
+            return Landing(None, views, host=(model.pool, arena) if pooled else None)
+        landing = self._cast_pooled(views)
         if pooled:
             model.pool.release(arena)
-        return Landing(None, tensors)
+        return landing
+
+    def _cast_pooled(self, tensors: list[torch.Tensor]) -> Landing:
+        """On the CPU: ``tensors`` in the preparing dtypes, in a pooled arena (every tensor
+        copied, so the source can be reused at once)."""
+        pool = self.model.prep_pool
+        arena = pool.acquire()
+        out = self.prep_layout.views(arena.buffer)
+        for target, source in zip(out, tensors):
+            target.copy_(source)
+        return Landing(None, out, host=(pool, arena))
 
     def _to_device(self, host: torch.Tensor, layout: Layout, dtypes: tuple, targets: tuple) -> Landing:
         """One copy of ``host`` (laid out as ``layout`` in ``dtypes``) to the device, cast there
@@ -397,9 +416,16 @@ class Group:
                     mover.wait(event)
                 if self._casts_compute:
                     tensors = list(tensors)
-                    computing = self.computing
-                    for i in self._casts_compute:
-                        tensors[i] = tensors[i].to(computing[i])
+                    pool = model.compute_pool
+                    if pool is not None:  # the CPU: into reused memory
+                        self._compute_arena = arena = pool.acquire()
+                        out = self.compute_layout.views(arena.buffer)
+                        for target, i in zip(out, self._casts_compute):
+                            tensors[i] = target.copy_(tensors[i])
+                    else:
+                        computing = self.computing
+                        for i in self._casts_compute:
+                            tensors[i] = tensors[i].to(computing[i])
                     event = mover.record()
                 self.ready_event = event
                 for params, name, index in self.installs:
@@ -430,6 +456,9 @@ class Group:
         for params, name, index in self.installs:
             params[name] = entries[index].placeholder
         self.ready_event = None
+        if self._compute_arena is not None:
+            model.compute_pool.release(self._compute_arena)
+            self._compute_arena = None
         if self._compute_charged:
             manager.refund(model.budget_key, model.name, self.name, "computation", self._compute_charged)
             model.streaming_bytes -= self._compute_charged
@@ -453,7 +482,8 @@ class Group:
         if staged is not None:
             self.staged = None
             if staged.host is not None:
-                model.pool.release(staged.host)
+                pool, arena = staged.host
+                pool.release(arena)
                 staged.host = None
             model.mover.retire(staged)
         if self.charged:

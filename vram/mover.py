@@ -35,7 +35,7 @@ class Landing:
     tensors: list[torch.Tensor]
     event: object | None = None
     synchronous: bool = False  # the copy blocked the host (pageable source)
-    host: object | None = None  # a pooled host arena the tensors point into (CPU compute)
+    host: tuple | None = None  # (pool, arena): pooled host memory the tensors point into (CPU)
 
 
 class Mover:
