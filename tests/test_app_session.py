@@ -167,8 +167,10 @@ def test_runs_reuse_the_pipeline_and_prepare_rebases_the_prediction(session):
     assert first.loaded and first.preset == "basic" and session.cache.loads == 1
     again = session.prepare(plan)
     # Reused: the weights already in the RSS leave the baseline the prediction stands on.
+    # (A loaded pipeline also holds objects besides its weights: tens of KB here, against
+    # 0.86 MB of weights; a baseline counting the weights again would grow by all of them.)
     weights = again.prediction.parts["weights_in_ram"]
-    assert weights > 0 and again.run_plan.baseline_ram <= plan.run_plan.baseline_ram
+    assert weights > 0 and again.run_plan.baseline_ram <= plan.run_plan.baseline_ram + weights // 2
     second = session.generate(again)
     assert not second.loaded and session.cache.loads == 1
     other = session.prepare(session.plan("tiny-sdxl", GenerationRequest(**JOB), preset="disk", vram_limit=0))
