@@ -13,6 +13,9 @@ MAX_PROMPT_CHARS = 10_000
 MAX_STEPS = 1000
 MAX_BATCH = 16
 MAX_FRAMES = 1025
+# Guidance scales in use run from 0 (distilled models) to about 10 (CFG) and 3.5 (FLUX's
+# embedded guidance); past 30 images only burn out, and huge values overflow to NaN.
+MAX_GUIDANCE = 30.0
 
 
 class RequestError(ValueError):
@@ -77,8 +80,8 @@ class GenerationRequest:
         if not _is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
             raise RequestError(f"steps: must be a whole number from 1 to {MAX_STEPS}, got {self.steps!r}")
         if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) \
-                or not math.isfinite(self.guidance) or self.guidance < 0:
-            raise RequestError(f"guidance: must be a finite number >= 0, got {self.guidance!r}")
+                or not math.isfinite(self.guidance) or not 0 <= self.guidance <= MAX_GUIDANCE:
+            raise RequestError(f"guidance: must be a finite number from 0 to {MAX_GUIDANCE:g}, got {self.guidance!r}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise RequestError(f"seed: must be a whole number from 0 to 2**63-1, got {self.seed!r}")
         if not _is_int(self.batch) or not 1 <= self.batch <= MAX_BATCH:

@@ -157,6 +157,17 @@ CASES = {
 }
 
 
+def cfg(offload, preparing, computation=("cpu", torch.float32), onload=None, **extras) -> dict:
+    """An 8-key vram config from (device, dtype) pairs; onload defaults to offload."""
+    onload = onload or offload
+    out = {"offload_device": offload[0], "offload_dtype": offload[1],
+           "onload_device": onload[0], "onload_dtype": onload[1],
+           "preparing_device": preparing[0], "preparing_dtype": preparing[1],
+           "computation_device": computation[0], "computation_dtype": computation[1]}
+    out.update(extras)
+    return out
+
+
 def save_weights(model: torch.nn.Module, folder: Path, shards: int = 1) -> Path:
     """Save a model's weights as .safetensors (sharded with an index when shards > 1)."""
     folder.mkdir(parents=True, exist_ok=True)

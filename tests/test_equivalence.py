@@ -7,19 +7,9 @@ import pytest
 import torch
 
 import vram
-from models import CASES, save_weights
+from models import CASES, cfg, save_weights
 
 FP32 = torch.float32
-
-
-def cfg(offload, preparing, computation=("cpu", FP32), onload=None, **extras):
-    onload = onload or offload
-    out = {"offload_device": offload[0], "offload_dtype": offload[1],
-           "onload_device": onload[0], "onload_dtype": onload[1],
-           "preparing_device": preparing[0], "preparing_dtype": preparing[1],
-           "computation_device": computation[0], "computation_dtype": computation[1]}
-    out.update(extras)
-    return out
 
 
 DISK = ("disk", "disk")

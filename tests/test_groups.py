@@ -10,20 +10,10 @@ import torch
 
 import vram
 from vram.grouping import block_classes, plan_groups
-from models import CASES, Stack, save_weights, stack_files
+from models import CASES, Stack, cfg, save_weights, stack_files
 
 FP32, FP64 = torch.float32, torch.float64
 GRANULARITIES = ("block", "leaf")
-
-
-def cfg(offload, preparing, computation=("cpu", FP32), onload=None, **extras):
-    onload = onload or offload
-    out = {"offload_device": offload[0], "offload_dtype": offload[1],
-           "onload_device": onload[0], "onload_dtype": onload[1],
-           "preparing_device": preparing[0], "preparing_dtype": preparing[1],
-           "computation_device": computation[0], "computation_dtype": computation[1]}
-    out.update(extras)
-    return out
 
 
 RESIDENT = cfg(("cpu", FP32), ("cpu", FP32))

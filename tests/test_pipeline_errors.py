@@ -55,6 +55,8 @@ def test_folder_without_model_index(tmp_path):
     ({"steps": 10**6}, r"steps"),
     ({"guidance": float("nan")}, r"guidance: must be a finite number"),
     ({"guidance": -1.0}, r"guidance"),
+    ({"guidance": 1e308}, r"guidance: must be a finite number from 0 to 30"),
+    ({"guidance": 30.5}, r"guidance: must be a finite number from 0 to 30"),
     ({"seed": -1}, r"seed: must be a whole number"),
     ({"prompt": "   "}, r"prompt: empty"),
     ({"prompt": "x" * 20_000}, r"prompt: 20000 characters"),
