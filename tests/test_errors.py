@@ -23,7 +23,9 @@ DISK = {"offload_device": "disk", "offload_dtype": "disk", "onload_device": "dis
     ({"offload_device": "disk", "offload_dtype": torch.float32}, "offload_device and offload_dtype: 'disk'"),
     ({"computation_device": "cuda:7"}, "computation_device: device 'cuda:7'"),
     ({"computation_device": "tpu"}, "computation_device: unknown device 'tpu'"),
-    ({"prefetch": -1}, "prefetch must be an integer >= 0"),
+    ({"prefetch": -1}, "prefetch must be a whole number of groups from 0 to 32"),
+    ({"prefetch": 10**9}, "prefetch must be a whole number of groups from 0 to 32"),
+    ({"granularity": "layer"}, "granularity must be one of block, leaf"),
     ({"ram_cache_gib": float("nan")}, "ram_cache_gib must be a finite number"),
     ("cpu", "vram_config must be a dict or VramConfig"),
 ])

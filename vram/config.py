@@ -40,6 +40,7 @@ FP8_DTYPES = {torch.float8_e4m3fn, torch.float8_e5m2}
 # The project's own keys, accepted next to DiffSynth's eight.
 EXTRA_KEYS = ("vram_limit", "prefetch", "pin_memory", "ram_cache_gib", "granularity")
 GRANULARITIES = ("block", "leaf")
+MAX_PREFETCH = 32  # groups staged ahead; each costs a group's memory, so more only fills the cap
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,8 @@ class VramConfig:
             raise ValueError(f"computation_dtype: {self.computation.device} cannot compute in bfloat16 "
                              f"(pre-Ampere GPU); use float16")
         parse_vram_limit(self.vram_limit)
-        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
-            raise ValueError(f"prefetch must be an integer >= 0, got {self.prefetch!r}")
+        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or not 0 <= self.prefetch <= MAX_PREFETCH:
+            raise ValueError(f"prefetch must be a whole number of groups from 0 to {MAX_PREFETCH}, got {self.prefetch!r}")
         if not isinstance(self.ram_cache_gib, (int, float)) or not math.isfinite(self.ram_cache_gib) \
                 or self.ram_cache_gib < 0:
             raise ValueError(f"ram_cache_gib must be a finite number >= 0, got {self.ram_cache_gib!r}")
