@@ -176,14 +176,6 @@ class Group:
             return self.base.tensors
         return None
 
-    def base_where(self) -> str:
-        """The base's placement, as text (``disk``, ``cpu/bfloat16``, ``cuda:0/float8_e4m3fn``)."""
-        if self.base is None:
-            return "disk"
-        device = "cpu" if isinstance(self.base, HostCopy) else str(self.device)
-        dtypes = sorted({str(d).removeprefix("torch.") for d in self.base_dtypes()})
-        return f"{device}/{'+'.join(dtypes)}"
-
     # -- the plan for a model state ---------------------------------------------------------
     def plan(self) -> None:
         """Derive how staging works from the current base (call after the base changed)."""
