@@ -47,12 +47,12 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ui import CSS, AppOptions, build_app
+    from ui import CSS, AppOptions, build_app, enable_queue
     options = AppOptions(models_dir=Path(args.models_dir) if args.models_dir else None, outputs=Path(args.outputs),
                          model=args.model, preset=args.preset, source=args.source)
     demo, handlers = build_app(options)
     try:
-        demo.queue(max_size=args.max_queue, default_concurrency_limit=1).launch(
+        enable_queue(demo, args.max_queue).launch(
             server_name=args.host, server_port=args.port, share=args.share, auth=args.auth,
             allowed_paths=[str(Path(args.outputs).resolve())], footer_links=["api", "gradio"], css=CSS)
     finally:

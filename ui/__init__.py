@@ -1,15 +1,15 @@
 """ui: the Gradio app's page, handlers, charts and jobs. No torch here: plans and runs go
 through presets/ (which drives pipelines/), memory readings through vram.sampler.
 
-    from ui import AppOptions, build_app
+    from ui import AppOptions, build_app, enable_queue
     demo, handlers = build_app(AppOptions(models_dir="models"))
-    demo.queue().launch()
+    enable_queue(demo, max_gpu_queue=32).launch()
 """
 
 from __future__ import annotations
 
 from .handlers import AppHandlers, AppOptions
-from .layout import CSS, build_blocks
+from .layout import CSS, build_blocks, enable_queue
 
 
 def build_app(options: AppOptions):
@@ -19,4 +19,4 @@ def build_app(options: AppOptions):
     return build_blocks(handlers), handlers
 
 
-__all__ = ["CSS", "AppHandlers", "AppOptions", "build_app", "build_blocks"]
+__all__ = ["CSS", "AppHandlers", "AppOptions", "build_app", "build_blocks", "enable_queue"]

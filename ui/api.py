@@ -8,7 +8,8 @@
 Each endpoint is a plain function of keyword arguments; ``ui.layout`` binds it to hidden
 components whose initial values are the defaults a client sees. Bad input is a ``gr.Error``
 with the same message the page shows. GPU work (``generate``, ``compare``) waits in the one
-GPU queue; ``plan``, ``status``, ``memory``, ``hardware``, ``models`` and ``cancel`` do not.
+GPU queue, and a client that disconnects cancels it at the next step; ``plan``, ``status``,
+``memory``, ``hardware``, ``models`` and ``cancel`` do not wait, and answer when it is full.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from presets.session import AUTO
 
 from . import present
 from .forms import JobInputs, make_plan, user_errors
-from .handlers import AppHandlers, _owner
+from .handlers import AppHandlers, _owner, watch_event
 from .jobs import JobState
 
 
@@ -41,12 +42,14 @@ class Api:
         """Generate one image (or video) and return its file, then the memory summary: peak
         VRAM and RAM (bytes), the cap and whether it held, the predicted peaks, time per phase,
         s/step, bytes moved to the device and read from disk. Empty settings take the model's
-        defaults; ``preset`` "auto" lets the decision tree choose; ``vram_limit`` is in GiB."""
+        defaults; ``preset`` "auto" lets the decision tree choose; ``vram_limit`` is in GiB.
+        A client that disconnects cancels its run at the next step."""
+        watch = watch_event()   # Gradio does not stop a plain function whose client left
         inputs = JobInputs(prompt=prompt, model=model, negative_prompt=negative_prompt, preset=preset,
                            vram_limit=vram_limit, width=width, height=height, steps=steps, guidance=guidance,
                            seed=seed, frames=frames)
         job = self.app.runner.submit(make_plan(self.app.session, inputs), owner=_owner(request))
-        for live in self.app._follow(job):
+        for live in self.app._follow(job, watch):
             self.app._progress(progress, live)
         if job.state is not JobState.DONE:
             raise gr.Error(f"The run {job.state.value}: {job.error}", print_exception=False)
@@ -62,11 +65,12 @@ class Api:
                 progress=gr.Progress()) -> tuple[list[dict], list]:
         """The same job under each of ``presets``, one after another (one seed for all).
         Returns one summary per preset (as ``generate``'s), then the images with their preset
-        as caption."""
+        as caption. A client that disconnects cancels the run at its next step, and the rest."""
+        watch = watch_event()
         inputs = JobInputs(prompt=prompt, model=model, negative_prompt=negative_prompt, vram_limit=vram_limit,
                            width=width, height=height, steps=steps, guidance=guidance, seed=seed, frames=frames)
         jobs = []
-        for jobs, current in self.app._compare(inputs, presets, _owner(request)):
+        for jobs, current in self.app._compare(inputs, presets, _owner(request), watch):
             if current is not None:
                 fraction, what = current.progress()
                 progress((jobs.index(current) + fraction) / max(1, len(presets or [])), desc=f"{current.label}: {what}")

@@ -12,9 +12,10 @@ import math
 import logging
 import random
 import time
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import gradio as gr
 
@@ -47,7 +48,60 @@ class AppOptions:
 
 
 def _owner(request: gr.Request | None) -> str | None:
+    """The Gradio session a job belongs to. Gradio injects ``request`` only into parameters
+    before a ``*fields`` (``helpers.special_args`` stops at the first one that is not
+    positional), so the page's ``generate(*fields, request=...)`` gets None: then it is the
+    request Gradio keeps for the running handler (``LocalContext.request``)."""
+    if request is None:
+        try:
+            from gradio.context import LocalContext
+            request = LocalContext.request.get(None)
+        except Exception:  # noqa: BLE001 - a Gradio without it: the job has no owner
+            request = None
     return getattr(request, "session_hash", None)
+
+
+CLIENT_LEFT = "its client went away"
+EVENT_CANCELLED = "Gradio cancelled its event"
+
+
+@dataclass(frozen=True)
+class EventWatch:
+    """Whether the Gradio event a handler serves still has someone to report to.
+
+    Gradio 6 has no public "is my client still there?" for a handler: ``gr.Request`` wraps
+    the finished ``/queue/join`` POST, not the SSE stream. When the session's SSE stream
+    closes, ``queue_data`` (gradio/routes.py) calls ``Queue.clean_events``, which sets the
+    running events' ``alive`` to False (gradio/queueing.py); when an event is cancelled
+    (``/cancel``, a ``cancels=`` listener, ``gradio_client``'s ``Job.cancel``) its task is
+    cancelled and ``Queue.process_events`` drops it from ``event_ids_to_events``. Neither stops
+    a plain function running on its thread, and a generator only after its next yield."""
+
+    queue: Any
+    event: Any
+
+    def gone(self) -> str | None:
+        """Why nobody waits for this event's result any more, or None while someone does."""
+        if getattr(self.event, "alive", True) is False:
+            return CLIENT_LEFT
+        if self.queue.event_ids_to_events.get(self.event._id) is not self.event:
+            return EVENT_CANCELLED
+        return None
+
+
+def watch_event() -> EventWatch | None:
+    """An ``EventWatch`` on the Gradio queue's event that the running handler serves; None
+    outside the queue (a direct call) or with a Gradio without these internals. Gradio sets
+    ``LocalContext.blocks`` and ``event_id`` around each call of a handler and each step of a
+    generator (``utils.get_function_with_locals``); call this from the handler itself."""
+    try:
+        from gradio.context import LocalContext
+        blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+        queue = getattr(blocks, "_queue", None)
+        event = queue.event_ids_to_events.get(event_id) if queue is not None and event_id else None
+        return EventWatch(queue, event) if event is not None else None
+    except Exception:  # noqa: BLE001 - only a probe: without it a job ends with its generator alone
+        return None
 
 
 class AppHandlers:
@@ -131,21 +185,39 @@ class AppHandlers:
                 gr.skip() if custom_on else json.dumps(configs, indent=1))
 
     # -- generation ------------------------------------------------------------------------------
-    def _follow(self, job: Job) -> Iterator[Job]:
+    def _follow(self, job: Job, watch: EventWatch | None = None) -> Iterator[Job]:
         """Run ``job`` on its thread and yield it at each change, at most every ``refresh``/2
-        seconds and at least every ``refresh`` seconds, until it ends. A closed generator (the
-        page went away, or Gradio cancelled the event) cancels the job."""
+        seconds and at least every ``refresh`` seconds, until it ends.
+
+        The job ends with its client: when ``watch`` (on the Gradio event that asked for the
+        job, ``watch_event()``) says nobody waits for it any more, or when this generator is
+        closed before the job ended (the page went away, or Gradio cancelled the event), the
+        job is cancelled and stops at its next step; a job still waiting for the GPU ends at
+        once. The loop goes on until the job has stopped: the GPU queue moves on then."""
         self.runner.start(job)
         version, last = -1, 0.0
         try:
             while not job.finished:
                 version = job.wait(version, timeout=self.options.refresh)
+                gone = watch.gone() if watch is not None else None
+                if gone:
+                    self._abandon(job, gone)
                 if time.monotonic() - last >= self.options.refresh / 2 and not job.finished:
                     last = time.monotonic()
                     yield job
         finally:
             if not job.finished:
-                job.cancel.set()
+                self._abandon(job, (watch.gone() if watch is not None else None) or "its handler ended first")
+
+    @staticmethod
+    def _abandon(job: Job, why: str) -> None:
+        """Cancel ``job``, whose result nobody waits for any more, and say so once (a warning
+        when its client went away)."""
+        if job.finished or job.cancel.is_set():
+            return
+        job.cancel.set()
+        log.log(logging.WARNING if why == CLIENT_LEFT else logging.INFO,
+                "%s: %s; cancelling the run at its next step", job.id, why)
 
     def _marks(self, job: Job) -> charts.Marks:
         plan = job.plan
@@ -197,13 +269,15 @@ class AppHandlers:
         """The Generate button: plan, run on the GPU queue, and refresh the status, progress
         and memory graphs while it runs; then the result, the summary and the timeline CSV.
         Yields (status, caption, gpu plot, ram plot, gallery, video, summary, csv)."""
+        watch = watch_event()
         plan = make_plan(self.session, self.ui_inputs(*fields))
         job = self.runner.submit(plan, owner=_owner(request))
-        for live in self._follow(job):
-            self._progress(progress, live)
-            gpu, ram = self._charts(live)
-            yield (present.status_html(live), self._caption(live), gpu, ram, gr.skip(), gr.skip(),
-                   gr.skip(), gr.skip())
+        with closing(self._follow(job, watch)) as follow:   # closed with this generator
+            for live in follow:
+                self._progress(progress, live)
+                gpu, ram = self._charts(live)
+                yield (present.status_html(live), self._caption(live), gpu, ram, gr.skip(), gr.skip(),
+                       gr.skip(), gr.skip())
         gpu, ram = self._charts(job)
         csv_path = str(self._timeline_file(job))
         gallery, video = self._gallery(job) if job.state is JobState.DONE else (gr.skip(), gr.skip())
@@ -263,18 +337,20 @@ class AppHandlers:
     def compare(self, *fields, request: gr.Request = None, progress=gr.Progress()):
         """The Compare button: the Generate tab's job under each chosen preset, one after
         another. Yields (status, table, gpu curves, ram curves, gallery)."""
+        watch = watch_event()
         *job_fields, presets = fields
         inputs = self.ui_inputs(*job_fields)
-        for step in self._compare(inputs, presets, _owner(request)):
-            jobs, current = step
-            if current is not None:
-                fraction, what = current.progress()
-                index = jobs.index(current)
-                progress((index + fraction) / len(jobs), desc=f"{current.label}: {what}")
-            yield self._compare_outputs(jobs, current)
+        with closing(self._compare(inputs, presets, _owner(request), watch)) as steps:
+            for jobs, current in steps:
+                if current is not None:
+                    fraction, what = current.progress()
+                    index = jobs.index(current)
+                    progress((index + fraction) / len(jobs), desc=f"{current.label}: {what}")
+                yield self._compare_outputs(jobs, current)
 
-    def _compare(self, inputs: JobInputs, presets, owner: str | None):
-        """Yields (jobs so far, the running one or None); checks every preset's plan first."""
+    def _compare(self, inputs: JobInputs, presets, owner: str | None, watch: EventWatch | None = None):
+        """Yields (jobs so far, the running one or None); checks every preset's plan first.
+        A cancelled job (its client gone, or Cancel) ends the comparison."""
         if isinstance(presets, str):
             presets = [presets]  # one preset named as text, not a list of its letters
         presets = list(dict.fromkeys(presets or []))  # each preset once
@@ -291,8 +367,9 @@ class AppHandlers:
         for preset in presets:
             job = self.runner.submit(make_plan(self.session, inputs, preset=preset), owner=owner, label=preset)
             jobs.append(job)
-            for live in self._follow(job):
-                yield jobs, live
+            with closing(self._follow(job, watch)) as follow:
+                for live in follow:
+                    yield jobs, live
             if job.state is JobState.CANCELLED:
                 break
         yield jobs, None

@@ -4,10 +4,13 @@ and its named API endpoints to ``ui.api``.
 Concurrency: every event that runs a model (Generate, Compare, Unload and the ``generate``
 and ``compare`` endpoints) shares the concurrency group "gpu" with a limit of one, so GPU
 work goes through one queue and a waiting user sees their place in it. Planning, status,
-memory readings and Cancel are in groups without a limit: they never wait behind a run.
+memory readings and Cancel are in groups without a limit: they never wait behind a run, and
+``enable_queue`` bounds the GPU queue alone, so they answer when it is full.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import gradio as gr
 
@@ -17,7 +20,8 @@ from . import present
 from .api import Api
 from .handlers import AppHandlers
 
-GPU = dict(concurrency_id="gpu", concurrency_limit=1)
+GPU_GROUP = "gpu"
+GPU = dict(concurrency_id=GPU_GROUP, concurrency_limit=1)
 FREE = dict(concurrency_limit=None)              # never waits behind the GPU queue
 PRIVATE = dict(api_visibility="private")        # page plumbing, not part of the API
 
@@ -211,3 +215,37 @@ def _api_endpoints(api: Api, model0: str) -> None:
                                        **FREE)
         gr.Button(visible=False).click(api.models, outputs=info, api_name="models", concurrency_id="control", **FREE)
         gr.Button(visible=False).click(api.cancel, outputs=info, api_name="cancel", concurrency_id="control", **FREE)
+
+
+def enable_queue(demo: gr.Blocks, max_gpu_queue: int | None) -> gr.Blocks:
+    """Gradio's queue for ``demo``, where at most ``max_gpu_queue`` GPU events (None: any
+    number) may wait; ``demo``, to launch.
+
+    Gradio's own ``max_size`` counts the waiting events of every concurrency group together
+    (``Queue.__len__`` and the check at the top of ``Queue.push``, gradio/queueing.py), so a
+    full GPU queue would refuse plans, status, memory readings and Cancel as well; and
+    ``gradio_client`` joins the queue for every endpoint, ``queue=False`` ones too, so taking
+    the reads off the queue would not help its users. Gradio has no limit per group, so the
+    queue gets none and ``Queue.push`` refuses GPU events itself, with Gradio's own answer to
+    a full queue (HTTP 503, which ``gradio_client`` raises as ``QueueError`` and the page
+    shows as "This application is currently busy")."""
+    demo.queue(max_size=None, default_concurrency_limit=1)
+    if max_gpu_queue is None:
+        return demo
+    queue = demo._queue
+    push = queue.push
+    lock = asyncio.Lock()   # one GPU join at a time: the count and the append go together
+
+    async def push_within_gpu_limit(body, request, username):
+        fn = demo.fns.get(body.fn_index) if body.fn_index is not None else None
+        if fn is None or fn.concurrency_id != GPU_GROUP:
+            return await push(body, request, username)
+        async with lock:
+            waiting = queue.event_queue_per_concurrency_id.get(GPU_GROUP)
+            size = len(waiting.queue) if waiting is not None else 0
+            if size >= max_gpu_queue:
+                return False, f"The GPU queue is full: {size} requests wait. Please try again later.", "queue_full"
+            return await push(body, request, username)
+
+    queue.push = push_within_gpu_limit
+    return demo
