@@ -1,15 +1,21 @@
 """Where model files come from: ModelScope (default), the Hugging Face Hub, or a local folder.
 
 A registry model is downloaded once into ``models_dir/<key>``, limited to the files its
-family needs (safetensors only), with progress reported per file and resumption after an
-interruption (both hubs keep partial files and continue them). Afterwards every needed file
-is checked, headers included, so a truncated or missing shard is named before loading.
+family needs (safetensors only), with progress reported. From the Hugging Face Hub the file
+listing comes first: a download that would not fit on the disk is refused before anything is
+written, and afterwards every needed file is checked against the listing (size, and sha256
+for LFS files); a wrong file is deleted and fetched once more. huggingface_hub resumes a
+file with a Range request after a dropped connection within one run; across runs, finished
+files are kept and not fetched again (it deletes its partial files). Afterwards every needed
+file is checked, headers included, so a truncated or missing shard is named before loading.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -86,31 +92,134 @@ def resolve_model(model: str | os.PathLike, *, source: str = "modelscope", model
 
 def download(family: Family, folder: Path, *, source: str = "modelscope", progress: Progress | None = None,
              endpoint: str | None = None) -> Path:
-    """Fetch ``family``'s needed files into ``folder`` (resuming partial files)."""
+    """Fetch ``family``'s needed files into ``folder``.
+
+    From the Hugging Face Hub: the file listing comes first (sizes, and sha256 for LFS files);
+    too little free disk space is refused before anything is written; after the download each
+    needed file is checked against the listing (size, sha256 or git blob id), a wrong one is
+    deleted and fetched once more, and one still wrong is deleted and named in a DownloadError."""
     patterns = family.allow_patterns()
     repo = family.modelscope_id if source == "modelscope" else family.huggingface_id
     if repo is None:
         raise DownloadError(f"{family.key} has no {source} id; try another source")
-    folder.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %s from %s into %s (files: %s)", repo, source, folder, ", ".join(patterns))
-    try:
-        if source == "modelscope":
+    if source == "modelscope":
+        folder.mkdir(parents=True, exist_ok=True)
+        log.info("downloading %s from %s into %s (files: %s)", repo, source, folder, ", ".join(patterns))
+        try:
             from modelscope import snapshot_download
             snapshot_download(repo, local_dir=str(folder), allow_patterns=patterns,
                               progress_callbacks=[_modelscope_progress(progress)] if progress else None,
                               endpoint=endpoint)
-        else:
-            from huggingface_hub import snapshot_download
-            snapshot_download(repo, local_dir=folder, allow_patterns=patterns, endpoint=endpoint,
-                              tqdm_class=_hf_progress(progress) if progress else None)
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:  # every hub/network failure becomes one message that says what to do
+            raise _failed(repo, source, patterns, folder, error) from error
+        return folder
+    return _download_huggingface(repo, folder, patterns, progress, endpoint)
+
+
+def _failed(repo: str, source: str, patterns: list[str], folder: Path, error: BaseException) -> DownloadError:
+    return DownloadError(
+        f"downloading {repo} from {source} failed: {type(error).__name__}: {error}. Needed files: "
+        f"{', '.join(patterns)}. Finished files stay in {folder}; run again to resume, or try "
+        f"source={'huggingface' if source == 'modelscope' else 'modelscope'}.")
+
+
+def _download_huggingface(repo: str, folder: Path, patterns: list[str], progress: Progress | None,
+                          endpoint: str | None) -> Path:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.utils import filter_repo_objects
+
+    source = "huggingface"
+    # huggingface_hub reads HF_ENDPOINT once, at import; read it here so a mirror set later counts.
+    endpoint = endpoint or os.environ.get("HF_ENDPOINT", "").rstrip("/") or None
+    try:
+        # GET /api/models/<repo>?blobs=True: the commit, and every file's size
+        # (and sha256 for LFS files). The download below is pinned to that commit.
+        info = HfApi(endpoint=endpoint).model_info(repo, files_metadata=True)
     except KeyboardInterrupt:
         raise
-    except Exception as error:  # every hub/network failure becomes one message that says what to do
+    except Exception as error:
+        raise _failed(repo, source, patterns, folder, error) from error
+    listing = {s.rfilename: s for s in info.siblings or ()}
+    needed = {name: listing[name] for name in filter_repo_objects(sorted(listing), allow_patterns=patterns)}
+    if not needed:
+        raise DownloadError(f"{repo} on {source} has none of the needed files ({', '.join(patterns)}); "
+                            f"it lists {len(listing)} files. Try source='modelscope'.")
+    _check_free_space(repo, source, folder, needed)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s from %s (commit %s) into %s: %d files", repo, source, info.sha, folder, len(needed))
+    for attempt in (1, 2):
+        try:
+            snapshot_download(repo, local_dir=folder, allow_patterns=patterns, endpoint=endpoint,
+                              revision=info.sha, tqdm_class=_hf_progress(progress) if progress else None)
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:  # every hub/network failure becomes one message that says what to do
+            raise _failed(repo, source, patterns, folder, error) from error
+        wrong = {name: why for name, entry in needed.items() if (why := _mismatch(folder / name, entry))}
+        for name in wrong:  # never leave a file that looks complete but is not
+            (folder / name).unlink(missing_ok=True)
+        if not wrong:
+            return folder
+        log.warning("%s from %s: %s did not match the hub's listing (attempt %d); deleted",
+                    repo, source, "; ".join(f"{n}: {w}" for n, w in wrong.items()), attempt)
+    raise DownloadError(
+        f"downloading {repo} from {source} failed: {len(wrong)} file(s) did not match the hub's listing even "
+        f"after fetching them again: {'; '.join(f'{n} ({w})' for n, w in wrong.items())}. They were deleted "
+        f"from {folder}; the other files stay. Run again later, or try source='modelscope'.")
+
+
+def _local_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size if path.is_file() else None
+    except OSError:
+        return None
+
+
+def _check_free_space(repo: str, source: str, folder: Path, needed: dict) -> None:
+    """Refuse before any byte is written when the files still to fetch do not fit."""
+    missing = {name: entry.size or 0 for name, entry in needed.items()
+               if _local_size(folder / name) != entry.size}
+    required = sum(missing.values())
+    if not required:
+        return
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if required > free:
         raise DownloadError(
-            f"downloading {repo} from {source} failed: {type(error).__name__}: {error}. Needed files: "
-            f"{', '.join(patterns)}. Partial files stay in {folder}; run again to resume, or try "
-            f"source={'huggingface' if source == 'modelscope' else 'modelscope'}.") from error
-    return folder
+            f"not downloading {repo} from {source}: its {len(missing)} file(s) still to fetch need "
+            f"{required} bytes ({required / 2**30:.2f} GiB) but {existing} has only {free} bytes "
+            f"({free / 2**30:.2f} GiB) free. Free some space or set {MODELS_DIR_ENV} to a folder on a larger disk; "
+            f"nothing was written.")
+
+
+def _mismatch(path: Path, entry) -> str | None:
+    """Why the local file is not the one the hub lists (None when it is): its size always, then its
+    sha256 for LFS files or its git blob id for the others."""
+    size = _local_size(path)
+    if size is None:
+        return "missing"
+    if entry.size is not None and size != entry.size:
+        return f"{size} bytes, the hub lists {entry.size}"
+    lfs = getattr(entry, "lfs", None)
+    if lfs is not None and lfs.sha256:
+        digest = hashlib.sha256()
+        expected = lfs.sha256
+    elif entry.blob_id:
+        digest = hashlib.sha1(b"blob %d\0" % size)
+        expected = entry.blob_id
+    else:
+        return None
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        return f"{'sha256' if lfs is not None else 'git blob id'} {digest.hexdigest()[:12]}…, the hub lists {expected[:12]}…"
+    return None
 
 
 def _modelscope_progress(progress: Progress):
