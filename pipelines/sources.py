@@ -1,13 +1,17 @@
 """Where model files come from: ModelScope (default), the Hugging Face Hub, or a local folder.
 
 A registry model is downloaded once into ``models_dir/<key>``, limited to the files its
-family needs (safetensors only), with progress reported. From the Hugging Face Hub the file
-listing comes first: a download that would not fit on the disk is refused before anything is
-written, and afterwards every needed file is checked against the listing (size, and sha256
-for LFS files); a wrong file is deleted and fetched once more. huggingface_hub resumes a
-file with a Range request after a dropped connection within one run; across runs, finished
-files are kept and not fetched again (it deletes its partial files). Afterwards every needed
-file is checked, headers included, so a truncated or missing shard is named before loading.
+family needs (safetensors only), with progress reported. From either hub the file listing
+comes first (sizes, and sha256: for LFS files on the Hugging Face Hub, for every file on
+ModelScope): a download that would not fit on the disk is refused before anything is written,
+and afterwards every needed file is checked against the listing (size, sha256, or the git blob
+id); a wrong file is deleted and fetched once more, and one still wrong is deleted and named.
+huggingface_hub resumes a file with a Range request after a dropped connection within one run;
+across runs, finished files are kept and not fetched again (it deletes its partial files).
+modelscope (modelscope_hub) checks each file's size and sha256 itself, retries a failed or
+wrong transfer within the run, and keeps a partial file as ``<file>.incomplete`` next to it,
+which the next run resumes with a Range request. Afterwards every needed file is checked,
+headers included, so a truncated or missing shard is named before loading.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import hashlib
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -94,33 +99,25 @@ def download(family: Family, folder: Path, *, source: str = "modelscope", progre
              endpoint: str | None = None) -> Path:
     """Fetch ``family``'s needed files into ``folder``.
 
-    From the Hugging Face Hub: the file listing comes first (sizes, and sha256 for LFS files);
-    too little free disk space is refused before anything is written; after the download each
-    needed file is checked against the listing (size, sha256 or git blob id), a wrong one is
-    deleted and fetched once more, and one still wrong is deleted and named in a DownloadError."""
+    From either hub: the file listing comes first (sizes, and sha256: for LFS files on the
+    Hugging Face Hub, for every file on ModelScope); too little free disk space is refused
+    before anything is written; after the download each needed file is checked against the
+    listing (size, sha256 or git blob id), a wrong one is deleted and fetched once more, and one
+    still wrong is deleted and named in a DownloadError."""
     patterns = family.allow_patterns()
     repo = family.modelscope_id if source == "modelscope" else family.huggingface_id
     if repo is None:
         raise DownloadError(f"{family.key} has no {source} id; try another source")
     if source == "modelscope":
-        folder.mkdir(parents=True, exist_ok=True)
-        log.info("downloading %s from %s into %s (files: %s)", repo, source, folder, ", ".join(patterns))
-        try:
-            from modelscope import snapshot_download
-            snapshot_download(repo, local_dir=str(folder), allow_patterns=patterns,
-                              progress_callbacks=[_modelscope_progress(progress)] if progress else None,
-                              endpoint=endpoint)
-        except KeyboardInterrupt:
-            raise
-        except Exception as error:  # every hub/network failure becomes one message that says what to do
-            raise _failed(repo, source, patterns, folder, error) from error
-        return folder
+        return _download_modelscope(repo, folder, patterns, progress, endpoint)
     return _download_huggingface(repo, folder, patterns, progress, endpoint)
 
 
-def _failed(repo: str, source: str, patterns: list[str], folder: Path, error: BaseException) -> DownloadError:
+def _failed(repo: str, source: str, patterns: list[str], folder: Path, error: BaseException,
+            detail: str = "") -> DownloadError:
     return DownloadError(
-        f"downloading {repo} from {source} failed: {type(error).__name__}: {error}. Needed files: "
+        f"downloading {repo} from {source} failed: {type(error).__name__}: {error}"
+        f"{f' ({detail})' if detail else ''}. Needed files: "
         f"{', '.join(patterns)}. Finished files stay in {folder}; run again to resume, or try "
         f"source={'huggingface' if source == 'modelscope' else 'modelscope'}.")
 
@@ -169,6 +166,83 @@ def _download_huggingface(repo: str, folder: Path, patterns: list[str], progress
         f"downloading {repo} from {source} failed: {len(wrong)} file(s) did not match the hub's listing even "
         f"after fetching them again: {'; '.join(f'{n} ({w})' for n, w in wrong.items())}. They were deleted "
         f"from {folder}; the other files stay. Run again later, or try source='modelscope'.")
+
+
+def _download_modelscope(repo: str, folder: Path, patterns: list[str], progress: Progress | None,
+                         endpoint: str | None) -> Path:
+    """What ``modelscope.snapshot_download`` does (modelscope 1.40 hands it to modelscope_hub's
+    ``HubApi.download_repo``), in its steps: the listing first, then the download of that listing."""
+    from modelscope_hub import HubApi
+    from modelscope_hub._download import _matches_patterns
+
+    source = "modelscope"
+    revision = "master"                          # snapshot_download's default revision
+    try:
+        api = HubApi(endpoint=endpoint)          # endpoint None: $MODELSCOPE_ENDPOINT, else modelscope.cn
+        if endpoint is None:                     # as snapshot_download: .cn or .ai, whichever has the repo
+            try:
+                api = HubApi(endpoint=api.resolve_endpoint_for_read(repo, repo_type="model"))
+            except Exception:
+                pass
+        # GET /api/v1/models/<repo>/repo/files?Revision=master&Recursive=True: every file's Path,
+        # Type, Size and Sha256; the same call download_repo makes, and its result is handed to
+        # download_repo below so the download works from this very listing.
+        files = api.legacy.list_repo_files(repo_id=repo, repo_type="model", revision=revision, recursive=True)
+    except KeyboardInterrupt:
+        raise
+    except Exception as error:
+        raise _failed(repo, source, patterns, folder, error) from error
+    listing = {}
+    for item in files:
+        name = item.get("Path") or item.get("path") or item.get("Name") or ""
+        if name and (item.get("Type") or item.get("type") or "blob") != "tree":
+            size = item.get("Size", item.get("size"))
+            sha256 = item.get("Sha256") or item.get("sha256") or None
+            listing[name] = _Listed(int(size) if size is not None else None,
+                                    _Lfs(sha256) if sha256 else None)
+    needed = {name: entry for name, entry in sorted(listing.items()) if _matches_patterns(name, patterns)}
+    if not needed:
+        raise DownloadError(f"{repo} on {source} has none of the needed files ({', '.join(patterns)}); "
+                            f"it lists {len(listing)} files. Try source='huggingface'.")
+    _check_free_space(repo, source, folder, needed)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s from %s (%s) into %s: %d files", repo, source, revision, folder, len(needed))
+    for attempt in (1, 2):
+        try:
+            api.download_repo(repo, "model", revision=revision, local_dir=folder, allow_patterns=patterns,
+                              file_list=files,
+                              progress_callbacks=[_modelscope_progress(progress)] if progress else None)
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:  # every hub/network failure becomes one message that says what to do
+            failed = getattr(error, "failed_files", None) or {}
+            detail = "; ".join(f"{n}: {type(e).__name__}" for n, e in sorted(failed.items()))
+            raise _failed(repo, source, patterns, folder, error, detail) from error
+        wrong = {name: why for name, entry in needed.items() if (why := _mismatch(folder / name, entry))}
+        for name in wrong:  # never leave a file that looks complete but is not
+            (folder / name).unlink(missing_ok=True)
+        if not wrong:
+            return folder
+        log.warning("%s from %s: %s did not match the hub's listing (attempt %d); deleted",
+                    repo, source, "; ".join(f"{n}: {w}" for n, w in wrong.items()), attempt)
+    raise DownloadError(
+        f"downloading {repo} from {source} failed: {len(wrong)} file(s) did not match the hub's listing even "
+        f"after fetching them again: {'; '.join(f'{n} ({w})' for n, w in wrong.items())}. They were deleted "
+        f"from {folder}; the other files stay. Run again later, or try source='huggingface'.")
+
+
+@dataclass(frozen=True)
+class _Lfs:
+    sha256: str
+
+
+@dataclass(frozen=True)
+class _Listed:
+    """A ModelScope listing entry in the shape ``_mismatch`` reads (huggingface_hub's RepoSibling)."""
+    size: int | None
+    lfs: _Lfs | None
+    blob_id: str | None = None
 
 
 def _local_size(path: Path) -> int | None:

@@ -12,6 +12,19 @@ Only the routes huggingface_hub 2.4's ``snapshot_download`` / ``HfApi.model_info
 - ``GET  /<repo>/resolve/<rev>/<file>``  the bytes; ``Range: bytes=N-`` gives a 206 with
   ``Content-Range``.
 
+And the routes modelscope 1.40.2's ``snapshot_download`` calls (it delegates to modelscope_hub's
+``HubApi.download_repo`` / ``LegacyClient``), each answering ``{"Code", "Data", "Message",
+"Success"}`` JSON like the real ModelScope:
+
+- ``GET /api/v1/models/<repo>``            repository info (``get_repo_info``).
+- ``GET /api/v1/models/<repo>/revisions``  ``Data.RevisionMap`` with the ``master`` branch.
+- ``GET /api/v1/models/<repo>/repo/files?Revision=<rev>&Recursive=True[&Root=<dir>]``  the
+  recursive listing, ``Data.Files``: ``Path``, ``Name``, ``Type`` (``blob``/``tree``), ``Size``,
+  ``Sha256``, ``IsLFS``, ``Revision``.
+- ``GET /api/v1/models/<repo>/repo?Revision=<rev>&FilePath=<file>``  the bytes, with the same
+  ``Range`` handling and the same faults as the Hugging Face route.
+- anything else (``/api/v1/repos/internalAccelerationInfo``, the region probe) is a 404.
+
 ``*.safetensors`` files are served as LFS files (their listing carries the sha256), the rest
 as plain git files, as on the real Hub.
 
@@ -118,6 +131,16 @@ class HubServer:
     def resolve_requests(self) -> list[tuple[str, str]]:
         return [(m, p) for m, p, _ in self.requests if "/resolve/" in p]
 
+    # ModelScope: files are fetched from /api/v1/models/<repo>/repo?FilePath=<file>
+    def ms_file_requests(self) -> list[tuple[str, str, dict[str, str]]]:
+        route = f"/api/v1/models/{self.repo_id}/repo"
+        return [(m, p, h) for m, p, h in self.requests if urlsplit(p).path == route]
+
+    def ms_gets(self, path: str) -> list[dict[str, str]]:
+        """Headers of every GET of ``path`` from the ModelScope file route so far."""
+        return [h for m, p, h in self.ms_file_requests()
+                if m == "GET" and parse_qs(urlsplit(p).query).get("FilePath") == [path]]
+
     # -- what a fault does to a file ------------------------------------------------------------------
     def _peek(self, path: str) -> Fault | None:
         with self._lock:
@@ -180,6 +203,22 @@ class HubServer:
         return items
 
 
+    def ms_listing(self, root: str | None) -> list[dict]:
+        folders = sorted({"/".join(p.split("/")[:i]) for p in self.files for i in range(1, p.count("/") + 1)})
+        items = [{"Name": f.rsplit("/", 1)[-1], "Path": f, "Type": "tree", "Size": 0, "Sha256": "", "IsLFS": False,
+                  "Revision": self.commit} for f in folders]
+        items += [{"Name": p.rsplit("/", 1)[-1], "Path": p, "Type": "blob", "Size": len(data),
+                   "Sha256": hashlib.sha256(data).hexdigest(), "IsLFS": self.is_lfs(p), "Revision": self.commit}
+                  for p, data in self.files.items()]
+        if root:
+            items = [i for i in items if i["Path"].startswith(root.rstrip("/") + "/")]
+        return items
+
+
+def _ms_body(data) -> dict:
+    return {"Code": 200, "Data": data, "Message": "success", "RequestId": "test", "Success": True}
+
+
 def _handler_for(hub: HubServer):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -217,6 +256,18 @@ def _handler_for(hub: HubServer):
                 if rest.startswith("tree/"):
                     return "tree", None
                 return None, None
+            ms = f"/api/v1/models/{hub.repo_id}"
+            if path == ms:
+                return "ms_info", None
+            if path == ms + "/revisions":
+                return "ms_revisions", None
+            if path == ms + "/repo/files":
+                return "ms_files", query.get("Root", [None])[0]
+            if path == ms + "/repo":
+                filename = query.get("FilePath", [""])[0]
+                if query.get("Revision", ["master"])[0] in (hub.commit, "master") and filename in hub.files:
+                    return "file", filename
+                return None, None
             prefix = f"/{hub.repo_id}/resolve/"
             if path.startswith(prefix):
                 rev, _, filename = path[len(prefix):].partition("/")
@@ -231,6 +282,14 @@ def _handler_for(hub: HubServer):
                 return self._json(hub.model_info(arg))
             if route == "tree":
                 return self._json(hub.tree())
+            if route == "ms_info":
+                owner, _, name = hub.repo_id.partition("/")
+                return self._json(_ms_body({"Id": 1, "Path": owner, "Name": name, "Revision": hub.commit}))
+            if route == "ms_revisions":
+                branch = {"Revision": "master", "CommitId": hub.commit, "CreatedAt": 1700000000}
+                return self._json(_ms_body({"RevisionMap": {"Branches": [branch], "Tags": []}}))
+            if route == "ms_files":
+                return self._json(_ms_body({"Files": hub.ms_listing(arg)}))
             if route != "file":
                 return self._not_found(self.path)
             self._send_file(arg, head=False)

@@ -209,3 +209,172 @@ def test_files_already_there_do_not_count_against_free_space(hub, tmp_path, monk
     fetch(hub, target)
     assert [p for m, p in hub.resolve_requests() if m == "GET"] and len(hub.gets(name)) == 1
     assert hashlib.sha256((target / name).read_bytes()).digest() == hashlib.sha256(hub.files[name]).digest()
+
+
+# -- ModelScope ------------------------------------------------------------------------------------
+# modelscope 1.40's snapshot_download hands over to modelscope_hub (HubApi.download_repo): one
+# listing GET /api/v1/models/<repo>/repo/files, a region probe, then one GET
+# /api/v1/models/<repo>/repo?Revision=master&FilePath=<file> per file (hub_server.py).
+
+MS_KEY = "tiny-flux-ms"
+
+
+@pytest.fixture
+def ms_hub(tiny_family, monkeypatch, tmp_path):
+    """The server, and the family ``tiny-flux-ms`` (FLUX.1-schnell's files) on ModelScope
+    pointing at it through $MODELSCOPE_ENDPOINT; lock files in this test's folder."""
+    import modelscope_hub._download
+    import modelscope_hub.config
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms-cache"))
+    # The process-wide HubConfig reads MODELSCOPE_ENDPOINT / MODELSCOPE_CACHE once (config.py:378).
+    monkeypatch.setattr(modelscope_hub.config, "_default_config", None)
+    # Retry waits (_download.py:348 and :1059): backoff 0, 2, 4 ... s, integrity retries 1, 2 s.
+    monkeypatch.setattr(modelscope_hub._download, "DOWNLOAD_RETRY_MAX_DELAY_SECONDS", 0)
+    monkeypatch.setattr(modelscope_hub._download, "DOWNLOAD_INTEGRITY_RETRY_BACKOFF", 0.0)
+    server = HubServer(tiny_family("flux"), repo_id=REPO).start()
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", server.url)
+    family = replace(get_family("flux.1-schnell"), key=MS_KEY, modelscope_id=REPO, huggingface_id=None)
+    monkeypatch.setitem(registry.FAMILIES, MS_KEY, family)
+    server.family = family
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def ms_fetch(hub, folder: Path, **kwargs) -> Path:
+    return download(hub.family, folder, source="modelscope", endpoint=hub.url, **kwargs)
+
+
+def ms_file_gets(hub) -> list[str]:
+    from urllib.parse import parse_qs, urlsplit
+    return [parse_qs(urlsplit(p).query)["FilePath"][0] for m, p, _ in hub.ms_file_requests() if m == "GET"]
+
+
+def no_wrong_ms_files(hub, folder: Path) -> None:
+    """As no_wrong_files; a ``.incomplete`` file is modelscope's partial file, resumed next run."""
+    for path in folder.rglob("*"):
+        name = path.relative_to(folder).as_posix()
+        if path.is_file() and not name.endswith(".incomplete"):
+            assert path.read_bytes() == hub.files[name], f"{name} looks complete but is not"
+
+
+def test_modelscope_downloads_byte_identical_and_needs_no_network_the_second_time(ms_hub, tmp_path):
+    calls = []
+    folder, family = resolve_model(MS_KEY, source="modelscope", models_dir=tmp_path / "models",
+                                   progress=lambda *a: calls.append(a))
+    assert family.key == MS_KEY and folder == tmp_path / "models" / MS_KEY
+    assert_identical(ms_hub, folder)
+    no_wrong_ms_files(ms_hub, folder)
+    listings = [p for m, p, _ in ms_hub.requests if "/repo/files" in p]
+    assert len(listings) == 1 and "Recursive=True" in listings[0]  # listed once, for both steps
+    assert sorted(ms_file_gets(ms_hub)) == needed(ms_hub)           # each needed file once
+    assert calls and {c[0] for c in calls} == set(needed(ms_hub))
+    assert all(calls[-1][1] == calls[-1][2] for c in calls[-1:])    # progress reached the total
+    ms_hub.clear()
+    assert resolve_model(MS_KEY, source="modelscope", models_dir=tmp_path / "models")[0] == folder
+    assert ms_hub.requests == []  # a complete local copy: no request at all
+
+
+def test_modelscope_retries_a_single_failed_request_within_the_run(ms_hub, tmp_path):
+    name = biggest_shard(ms_hub)
+    ms_hub.fail(name, "500")
+    ms_hub.fail(name, "reset", at=1000)
+    ms_fetch(ms_hub, tmp_path / "m")
+    assert len(ms_hub.ms_gets(name)) == 3
+    assert_identical(ms_hub, tmp_path / "m")
+
+
+@pytest.mark.parametrize("kind, at, error", [
+    ("500", 0, r"ServerError"),
+    ("reset", 1000, r"NetworkError|ConnectionError|ChunkedEncodingError|ProtocolError"),
+    ("truncate", 1000, r"NetworkError|IncompleteBody|ProtocolError|ChunkedEncodingError"),
+])
+def test_modelscope_failed_transfer_is_a_clear_error_and_the_next_attempt_succeeds(ms_hub, tmp_path, kind, at,
+                                                                                   error):
+    import re
+    name = biggest_shard(ms_hub)
+    ms_hub.fail(name, kind, at=at, times=None)  # every request of this run: the client's retries fail too
+    with pytest.raises(DownloadError) as failure:
+        ms_fetch(ms_hub, tmp_path / "m")
+    message = str(failure.value)
+    assert REPO in message and "from modelscope failed" in message and name in message, message
+    assert "transformer/*.safetensors" in message and "run again to resume" in message
+    assert re.search(error, message, re.S), message
+    tries = len(ms_hub.ms_gets(name))
+    assert tries > 1  # modelscope retried it within the run
+    assert not (tmp_path / "m" / name).exists()
+    no_wrong_ms_files(ms_hub, tmp_path / "m")
+    ms_hub.clear()
+    ms_fetch(ms_hub, tmp_path / "m")
+    assert ms_file_gets(ms_hub) == [name]  # only the failed file; the others were kept
+    resumed = ms_hub.ms_gets(name)[0].get("range")
+    if kind == "truncate":  # each try kept the bytes before its break; the next run resumes after them all
+        assert resumed == f"bytes={at * tries}-"
+    elif kind == "reset":  # a TCP reset may discard bytes the client had not read yet: at most as many
+        assert resumed is None or int(resumed[len("bytes="):-1]) in range(at, at * tries + 1, at), resumed
+    assert_identical(ms_hub, tmp_path / "m")
+
+
+@pytest.mark.parametrize("kind", ["wrong_bytes", "wrong_size"])
+def test_modelscope_file_with_wrong_content_is_fetched_again(ms_hub, tmp_path, kind):
+    name = biggest_shard(ms_hub)
+    ms_hub.fail(name, kind, at=7)  # the first GET serves the wrong file
+    ms_fetch(ms_hub, tmp_path / "m")
+    assert len(ms_hub.ms_gets(name)) == 2
+    assert_identical(ms_hub, tmp_path / "m")
+
+
+def test_modelscope_file_that_stays_wrong_is_named_and_removed(ms_hub, tmp_path):
+    name = biggest_shard(ms_hub)
+    ms_hub.fail(name, "wrong_bytes", times=None)
+    with pytest.raises(DownloadError, match=rf"(?s){REPO} from modelscope failed.*{name}: FileIntegrityError"):
+        ms_fetch(ms_hub, tmp_path / "m")
+    assert not (tmp_path / "m" / name).exists()
+    no_wrong_ms_files(ms_hub, tmp_path / "m")
+    ms_hub.clear()
+    ms_fetch(ms_hub, tmp_path / "m")
+    assert ms_file_gets(ms_hub) == [name]
+    assert_identical(ms_hub, tmp_path / "m")
+
+
+def test_modelscope_a_wrong_file_the_client_lets_through_is_caught_and_fetched_once_more(ms_hub, tmp_path,
+                                                                                        monkeypatch):
+    # Our own check after modelscope's: a file left wrong (here: damaged right after the client's
+    # own checks, once) is found against the listing's sha256, deleted and fetched again.
+    from modelscope_hub._download import DownloadManager
+    name = biggest_shard(ms_hub)
+    real = DownloadManager.download_file
+    damaged = []
+
+    def download_file(self, *args, **kwargs):
+        target = real(self, *args, **kwargs)
+        if kwargs.get("file_path") == name and not damaged:
+            data = bytearray(target.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            target.write_bytes(bytes(data))
+            damaged.append(name)
+        return target
+    monkeypatch.setattr(DownloadManager, "download_file", download_file)
+    ms_fetch(ms_hub, tmp_path / "m")
+    assert damaged == [name] and len(ms_hub.ms_gets(name)) == 2
+    assert sorted(ms_file_gets(ms_hub)) == sorted(needed(ms_hub) + [name])
+    assert_identical(ms_hub, tmp_path / "m")
+
+
+def test_modelscope_too_little_disk_space_is_refused_before_downloading(ms_hub, tmp_path, monkeypatch):
+    import pipelines.sources
+    total = sum(len(ms_hub.files[n]) for n in needed(ms_hub))
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(pipelines.sources.shutil, "disk_usage", lambda path: usage._replace(free=total - 1))
+    target = tmp_path / "models" / MS_KEY
+    with pytest.raises(DownloadError, match=rf"(?s){REPO} from modelscope.*need {total} bytes.*only {total - 1} "
+                                            r"bytes.*free.*LOWVRAM_MODELS_DIR.*nothing was written"):
+        ms_fetch(ms_hub, target)
+    assert not (tmp_path / "models").exists()
+    assert ms_hub.ms_file_requests() == [] and [p for m, p, _ in ms_hub.requests if "/repo/files" in p]
+    monkeypatch.setattr(pipelines.sources.shutil, "disk_usage", lambda path: usage._replace(free=total))
+    ms_fetch(ms_hub, target)
+    assert_identical(ms_hub, target)
