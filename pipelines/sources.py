@@ -147,7 +147,7 @@ def _download_huggingface(repo: str, folder: Path, patterns: list[str], progress
 
     folder.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s from %s (commit %s) into %s: %d files", repo, source, info.sha, folder, len(needed))
-    for attempt in (1, 2):
+    def fetch():
         try:
             snapshot_download(repo, local_dir=folder, allow_patterns=patterns, endpoint=endpoint,
                               revision=info.sha, tqdm_class=_hf_progress(progress) if progress else None)
@@ -155,17 +155,27 @@ def _download_huggingface(repo: str, folder: Path, patterns: list[str], progress
             raise
         except Exception as error:  # every hub/network failure becomes one message that says what to do
             raise _failed(repo, source, patterns, folder, error) from error
+    return _fetch_checked(repo, source, folder, needed, fetch)
+
+
+def _fetch_checked(repo: str, source: str, folder: Path, needed: dict, fetch: Callable[[], None]) -> Path:
+    """Run ``fetch`` (the hub client's download), then check every needed file against the
+    hub's listing: a wrong one is deleted and fetched once more; one still wrong is deleted
+    and named in a DownloadError. Never leaves a file that looks complete but is not."""
+    for attempt in (1, 2):
+        fetch()
         wrong = {name: why for name, entry in needed.items() if (why := _mismatch(folder / name, entry))}
-        for name in wrong:  # never leave a file that looks complete but is not
+        for name in wrong:
             (folder / name).unlink(missing_ok=True)
         if not wrong:
             return folder
         log.warning("%s from %s: %s did not match the hub's listing (attempt %d); deleted",
                     repo, source, "; ".join(f"{n}: {w}" for n, w in wrong.items()), attempt)
+    other = "modelscope" if source == "huggingface" else "huggingface"
     raise DownloadError(
         f"downloading {repo} from {source} failed: {len(wrong)} file(s) did not match the hub's listing even "
         f"after fetching them again: {'; '.join(f'{n} ({w})' for n, w in wrong.items())}. They were deleted "
-        f"from {folder}; the other files stay. Run again later, or try source='modelscope'.")
+        f"from {folder}; the other files stay. Run again later, or try source='{other}'.")
 
 
 def _download_modelscope(repo: str, folder: Path, patterns: list[str], progress: Progress | None,
@@ -208,7 +218,7 @@ def _download_modelscope(repo: str, folder: Path, patterns: list[str], progress:
 
     folder.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s from %s (%s) into %s: %d files", repo, source, revision, folder, len(needed))
-    for attempt in (1, 2):
+    def fetch():
         try:
             api.download_repo(repo, "model", revision=revision, local_dir=folder, allow_patterns=patterns,
                               file_list=files,
@@ -219,17 +229,7 @@ def _download_modelscope(repo: str, folder: Path, patterns: list[str], progress:
             failed = getattr(error, "failed_files", None) or {}
             detail = "; ".join(f"{n}: {type(e).__name__}" for n, e in sorted(failed.items()))
             raise _failed(repo, source, patterns, folder, error, detail) from error
-        wrong = {name: why for name, entry in needed.items() if (why := _mismatch(folder / name, entry))}
-        for name in wrong:  # never leave a file that looks complete but is not
-            (folder / name).unlink(missing_ok=True)
-        if not wrong:
-            return folder
-        log.warning("%s from %s: %s did not match the hub's listing (attempt %d); deleted",
-                    repo, source, "; ".join(f"{n}: {w}" for n, w in wrong.items()), attempt)
-    raise DownloadError(
-        f"downloading {repo} from {source} failed: {len(wrong)} file(s) did not match the hub's listing even "
-        f"after fetching them again: {'; '.join(f'{n} ({w})' for n, w in wrong.items())}. They were deleted "
-        f"from {folder}; the other files stay. Run again later, or try source='huggingface'.")
+    return _fetch_checked(repo, source, folder, needed, fetch)
 
 
 @dataclass(frozen=True)
