@@ -121,7 +121,7 @@ class Group:
             self.file_layout = Layout([(e.info.dtype, e.shape) for e in entries])
             self.read_plan = self.plan_reads(self.file_layout)
             self.file_nbytes = sum(e.info.nbytes for e in entries)
-        self.prep_layout = Layout(list(zip(self.preparing, (e.shape for e in entries))))
+        self.prep_layout = self.layout_for(self.preparing)
         # Tensors whose preparing dtype is not their computation dtype (fp8 storage): cast at
         # each entry; on the CPU into a pooled arena laid out like this (reused memory: fresh
         # pages cost a fault each, which on some machines is slower than the cast itself).
@@ -176,12 +176,15 @@ class Group:
             return self.base.tensors
         return None
 
+    def layout_for(self, dtypes: tuple) -> Layout:
+        """The group's tensors laid out in ``dtypes`` (one per entry)."""
+        return Layout(list(zip(dtypes, (e.shape for e in self.entries))))
+
     # -- the plan for a model state ---------------------------------------------------------
     def plan(self) -> None:
         """Derive how staging works from the current base (call after the base changed)."""
         dtypes = self.base_dtypes()
-        compute_bytes = sum(e.numel * c.itemsize for e, p, c in zip(self.entries, self.preparing, self.computing)
-                            if p != c)
+        compute_bytes = sum(self.entries[i].numel * self.computing[i].itemsize for i in self._casts_compute)
         cast_bytes = sum(e.numel * p.itemsize for e, d, p in zip(self.entries, dtypes, self.preparing) if d != p)
         on_cpu = self.device.type == "cpu"
         if on_cpu and cast_bytes:
@@ -275,9 +278,7 @@ class Group:
         to ``targets`` where they differ."""
         def build(buffer):
             views = layout.views(buffer)
-            if dtypes == targets:
-                return views
-            return [v if v.dtype == t else v.to(t) for v, t in zip(views, targets)]
+            return views if dtypes == targets else self._cast(views, targets)
 
         landing = self.model.mover.to_device(host, build)
         counters = self.manager.counters
@@ -327,10 +328,7 @@ class Group:
             if not manager.make_room(model.budget_key, self.prepared_charge, model,
                                      headroom=model.max_group_need, own=False):
                 return
-            nbytes = self.charged = self.prepared_charge
-            if nbytes:
-                manager.charge(model.budget_key, model.name, self.name, "prepared", nbytes)
-            model.streaming_bytes += nbytes
+            self._charge(self.prepared_charge)
             self.state = GroupState.STAGING
             if not (self.prep is Prep.COPY and model.mover.asynchronous):
                 self.pending = submit(self._stage)
@@ -346,7 +344,7 @@ class Group:
     def _charge(self, nbytes: int) -> None:
         model = self.model
         if nbytes:
-            get_manager().charge(model.budget_key, model.name, self.name, "prepared", nbytes)
+            self.manager.charge(model.budget_key, model.name, self.name, "prepared", nbytes)
         self.charged = nbytes
         model.streaming_bytes += nbytes
 
@@ -490,7 +488,7 @@ class Group:
 
     def evict(self) -> None:
         """KEPT -> RESTING, to make room (caller holds the lock)."""
-        counters = get_manager().counters
+        counters = self.manager.counters
         counters.evictions += 1
         counters.evicted_bytes += self.charged
         self._drop()
@@ -524,7 +522,7 @@ class Group:
     def settle(self) -> None:
         """Wait for (or cancel) a background stage, then drop any staged copy. For model-level
         changes: no forward may be running."""
-        manager = get_manager()
+        manager = self.manager
         with manager.lock:
             future = self.pending
         if future is not None and not future.cancel():
@@ -546,10 +544,10 @@ class Group:
         if found is not None:
             return found
         model = self.model
-        layout = Layout(list(zip(dtypes, (e.shape for e in self.entries))))
+        layout = self.layout_for(dtypes)
         arena = Arena(layout.nbytes, pin=model.pins)
         if model.pins and not arena.pinned:
-            get_manager().counters.pin_failures += 1
+            self.manager.counters.pin_failures += 1
         views = layout.views(arena.buffer)
         source = next(iter(self.host_copies.values()), None)
         if source is not None:
@@ -558,7 +556,7 @@ class Group:
         elif params is not None:
             for view, tensor in zip(views, params):
                 view.copy_(tensor.detach())
-        elif dtypes == tuple(e.info.dtype for e in self.entries):
+        elif dtypes == self.file_dtypes:
             self.read_into(arena, layout)  # straight into the arena: no intermediate buffer
         else:
             temporary = scratch()
@@ -567,7 +565,7 @@ class Group:
                 view.copy_(tensor)
         copy = HostCopy(arena, layout, views, dtypes)
         self.host_copies[dtypes] = copy
-        get_manager().charge("host", model.name, self.name, "base", arena.size)
+        self.manager.charge("host", model.name, self.name, "base", arena.size)
         return copy
 
     def drop_host_copy(self, dtypes: tuple) -> None:
@@ -579,7 +577,7 @@ class Group:
         if copy.arena.pinned:
             self.model.mover.synchronize()  # no copy may still read pages being unpinned
         copy.arena.close()
-        get_manager().refund("host", self.model.name, self.name, "base", copy.arena.size)
+        self.manager.refund("host", self.model.name, self.name, "base", copy.arena.size)
 
     def land_base(self, dtypes: tuple, params: list[torch.Tensor] | None) -> Landing:
         """The group's weights on the computation device in ``dtypes``, in one copy: from a
@@ -589,7 +587,7 @@ class Group:
         if source is not None:
             return self._to_device(source.arena.buffer[:source.layout.nbytes], source.layout, source.dtypes, dtypes)
         if params is not None:
-            layout = Layout(list(zip(dtypes, (e.shape for e in self.entries))))
+            layout = self.layout_for(dtypes)
             temporary = Arena(layout.nbytes)
             for view, tensor in zip(layout.views(temporary.buffer), params):
                 view.copy_(tensor.detach())
@@ -598,35 +596,32 @@ class Group:
             return landing
         arena = model.pool.acquire()
         self.read_into(arena)
-        files = tuple(e.info.dtype for e in self.entries)
-        landing = self._to_device(arena.buffer[:self.file_layout.nbytes], self.file_layout, files, dtypes)
+        landing = self._to_device(arena.buffer[:self.file_layout.nbytes], self.file_layout, self.file_dtypes, dtypes)
         model.pool.release(arena, after=landing.event)
         return landing
 
+    def _drop_device_base(self) -> None:
+        """Free a base that rests on the computation device, and refund its charge."""
+        if isinstance(self.base, Landing):
+            self.model.mover.retire(self.base)
+        if self.base_charge is not None:
+            device, nbytes = self.base_charge
+            self.manager.refund(device, self.model.name, self.name, "base", nbytes)
+            self.base_charge = None
+
     def set_base(self, base: HostCopy | Landing | None, charge: tuple[str, int] | None = None) -> None:
         """Switch the base (caller: no staged copy, no forward). A device base is charged."""
-        manager = get_manager()
-        if isinstance(self.base, Landing) and self.base is not base:
-            self.model.mover.retire(self.base)
-        if self.base_charge is not None and (self.base is not base):
-            device, nbytes = self.base_charge
-            manager.refund(device, self.model.name, self.name, "base", nbytes)
-            self.base_charge = None
+        if self.base is not base:
+            self._drop_device_base()
         if charge is not None:
-            manager.charge(charge[0], self.model.name, self.name, "base", charge[1])
+            self.manager.charge(charge[0], self.model.name, self.name, "base", charge[1])
             self.base_charge = charge
         self.base = base
         self.plan()
 
     def free(self) -> None:
         """Forget the base and every host copy (teardown: nothing staged, no forward)."""
-        manager = get_manager()
-        if isinstance(self.base, Landing):
-            self.model.mover.retire(self.base)
-        if self.base_charge is not None:
-            device, nbytes = self.base_charge
-            manager.refund(device, self.model.name, self.name, "base", nbytes)
-            self.base_charge = None
+        self._drop_device_base()
         self.base = None
         for dtypes in list(self.host_copies):
             self.drop_host_copy(dtypes)

@@ -208,10 +208,12 @@ class WeightSource:
         """Read many tensors straight into the caller's buffers (uint8 CPU tensors of each
         tensor's size): one ``preadv`` per run of tensors adjacent in a file. Returns the
         number of ``preadv`` calls."""
-        runs = []
-        for file, offset, views, what in coalesce(targets):
-            runs.append((file, offset, sum(v.nbytes for v in views), views, what))
-        return self.read_runs(runs)
+        for info, buffer in targets:
+            if buffer.nbytes != info.nbytes:
+                raise ValueError(f"read buffer for {info.key!r} has {buffer.nbytes} bytes, the tensor {info.nbytes}")
+        views = [memoryview(buffer.numpy()) for _, buffer in targets]
+        return self.read_runs([(file, offset, nbytes, [views[i] for i in indices], key)
+                               for file, offset, nbytes, indices, key in plan_runs([info for info, _ in targets])])
 
     def read_runs(self, runs: Sequence[tuple["SafetensorsFile", int, int, list[memoryview], str]]) -> int:
         """Read planned runs: (file, offset, bytes, buffers, name for errors) each. Returns the
@@ -266,23 +268,6 @@ def plan_runs(infos: Sequence[TensorInfo]) -> list[tuple["SafetensorsFile", int,
             runs.append([info.file, info.offset, info.nbytes, [i], info.key])
         end = info.offset + info.nbytes
     return [tuple(run) for run in runs]
-
-
-def coalesce(targets: Sequence[tuple[TensorInfo, torch.Tensor]]):
-    """(file, offset, views, first key) per run of byte ranges adjacent in one file."""
-    ordered = sorted((t for t in targets if t[0].nbytes), key=lambda t: (id(t[0].file), t[0].offset))
-    runs = []
-    for info, buffer in ordered:
-        if buffer.nbytes != info.nbytes:
-            raise ValueError(f"read buffer for {info.key!r} has {buffer.nbytes} bytes, the tensor {info.nbytes}")
-        view = memoryview(buffer.numpy())
-        last = runs[-1] if runs else None
-        if last is not None and last[0] is info.file and last[4] == info.offset:
-            last[2].append(view)
-            last[4] = info.offset + info.nbytes
-        else:
-            runs.append([info.file, info.offset, [view], info.key, info.offset + info.nbytes])
-    return [(file, offset, views, key) for file, offset, views, key, _ in runs]
 
 
 def _resolve(weights) -> list[Path]:
