@@ -41,10 +41,16 @@ def hub(tiny_family, monkeypatch):
     # the bytes of a broken response before the last whole chunk are kept and resumed from.
     # Chunks of 4 KiB make that visible with files of a few dozen KiB.
     monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", CHUNK)
+    yield from _serve(tiny_family, monkeypatch, "HF_ENDPOINT", key=KEY, huggingface_id=REPO, modelscope_id=None)
+
+
+def _serve(tiny_family, monkeypatch, endpoint_variable: str, **family_fields):
+    """The local hub serving the tiny FLUX repository, with a registry family pointing at it
+    (FLUX.1-schnell's files under ``family_fields``); stopped when the test ends."""
     server = HubServer(tiny_family("flux"), repo_id=REPO).start()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    family = replace(get_family("flux.1-schnell"), key=KEY, huggingface_id=REPO, modelscope_id=None)
-    monkeypatch.setitem(registry.FAMILIES, KEY, family)
+    monkeypatch.setenv(endpoint_variable, server.url)
+    family = replace(get_family("flux.1-schnell"), **family_fields)
+    monkeypatch.setitem(registry.FAMILIES, family.key, family)
     server.family = family
     try:
         yield server
@@ -233,15 +239,8 @@ def ms_hub(tiny_family, monkeypatch, tmp_path):
     # Retry waits (_download.py:348 and :1059): backoff 0, 2, 4 ... s, integrity retries 1, 2 s.
     monkeypatch.setattr(modelscope_hub._download, "DOWNLOAD_RETRY_MAX_DELAY_SECONDS", 0)
     monkeypatch.setattr(modelscope_hub._download, "DOWNLOAD_INTEGRITY_RETRY_BACKOFF", 0.0)
-    server = HubServer(tiny_family("flux"), repo_id=REPO).start()
-    monkeypatch.setenv("MODELSCOPE_ENDPOINT", server.url)
-    family = replace(get_family("flux.1-schnell"), key=MS_KEY, modelscope_id=REPO, huggingface_id=None)
-    monkeypatch.setitem(registry.FAMILIES, MS_KEY, family)
-    server.family = family
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _serve(tiny_family, monkeypatch, "MODELSCOPE_ENDPOINT", key=MS_KEY, modelscope_id=REPO,
+                      huggingface_id=None)
 
 
 def ms_fetch(hub, folder: Path, **kwargs) -> Path:
