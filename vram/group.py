@@ -123,11 +123,8 @@ class Group:
             self.file_nbytes = sum(e.info.nbytes for e in entries)
         self.prep_layout = self.layout_for(self.preparing)
         # Tensors whose preparing dtype is not their computation dtype (fp8 storage): cast at
-        # each entry; on the CPU into a pooled arena laid out like this (reused memory: fresh
-        # pages cost a fault each, which on some machines is slower than the cast itself).
+        # each entry, dropped at exit.
         self._casts_compute = [i for i, (p, c) in enumerate(zip(self.preparing, self.computing)) if p != c]
-        self.compute_layout = Layout([(self.computing[i], entries[i].shape) for i in self._casts_compute])
-        self._compute_arena: Arena | None = None
         self.host_copies: dict[tuple, HostCopy] = {}
         self.base: HostCopy | Landing | None = None
         self.base_charge: tuple[str, int] | None = None  # (ledger device, bytes) of a device base
@@ -189,8 +186,6 @@ class Group:
         on_cpu = self.device.type == "cpu"
         if on_cpu and cast_bytes:
             cast_bytes = self.prep_layout.nbytes  # cast into a pooled arena of the preparing layout
-        if on_cpu and compute_bytes:
-            compute_bytes = self.compute_layout.nbytes
         on_device = isinstance(self.base, Landing) or (isinstance(self.base, HostCopy) and on_cpu)
         if self.base is None:
             self.prep = Prep.READ
@@ -406,16 +401,9 @@ class Group:
                     mover.wait(event)
                 if self._casts_compute:
                     tensors = list(tensors)
-                    pool = model.compute_pool
-                    if pool is not None:  # the CPU: into reused memory
-                        self._compute_arena = arena = pool.acquire()
-                        out = self.compute_layout.views(arena.buffer)
-                        for target, i in zip(out, self._casts_compute):
-                            tensors[i] = target.copy_(tensors[i])
-                    else:
-                        computing = self.computing
-                        for i in self._casts_compute:
-                            tensors[i] = tensors[i].to(computing[i])
+                    computing = self.computing
+                    for i in self._casts_compute:
+                        tensors[i] = tensors[i].to(computing[i])
                     event = mover.record()
                 self.ready_event = event
                 for params, name, index in self.installs:
@@ -446,9 +434,6 @@ class Group:
         for params, name, index in self.installs:
             params[name] = entries[index].placeholder
         self.ready_event = None
-        if self._compute_arena is not None:
-            model.compute_pool.release(self._compute_arena)
-            self._compute_arena = None
         if self._compute_charged:
             manager.refund(model.budget_key, model.name, self.name, "computation", self._compute_charged)
             model.streaming_bytes -= self._compute_charged

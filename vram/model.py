@@ -69,7 +69,6 @@ class ManagedModel:
         self.schedule: Schedule[Group] = Schedule([], config.prefetch)
         self.pool: ArenaPool | None = None          # read arenas for the disk tier
         self.prep_pool: ArenaPool | None = None     # CPU computation: casts to the preparing dtype
-        self.compute_pool: ArenaPool | None = None  # CPU computation: casts to the computation dtype
         self.cache: RamCache | None = None
         self.hooks: list[GroupHooks] = []
         self._handles: list[Any] = []
@@ -421,11 +420,8 @@ def _bind(record: ManagedModel, model: torch.nn.Module, config: VramConfig, sour
             record.cache = RamCache(record.name, int(config.ram_cache_gib * GIB), record.pins)
 
     if config.computation.device.type == "cpu":
-        keep, wait = config.prefetch + 1, record.mover.host_done
         record.prep_pool = ArenaPool(max((g.prep_layout.nbytes for g in record.groups), default=0),
-                                     pin=False, keep=keep, wait=wait)
-        record.compute_pool = ArenaPool(max((g.compute_layout.nbytes for g in record.groups), default=0),
-                                        pin=False, keep=2, wait=wait)
+                                     pin=False, keep=config.prefetch + 1, wait=record.mover.host_done)
 
     _bind_buffers(model, config, source)
     largest_need = max((max(_expected_need(g, "offload"), _expected_need(g, "onload")) for g in record.groups),
@@ -543,7 +539,7 @@ def _teardown(record: ManagedModel) -> None:
             group.free()
     if record.cache is not None:
         record.cache.clear()
-    for pool in (record.pool, record.prep_pool, record.compute_pool):
+    for pool in (record.pool, record.prep_pool):
         if pool is not None:
             pool.close()
     record.drop_scratch()
