@@ -25,6 +25,40 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs an NVIDIA GPU; skipped without CUDA")
     config.addinivalue_line("markers", "slow: builds a model of a GiB or more")
+    config.addinivalue_line("markers", "standin: runs twice, computing on the CPU and on the stand-in accelerator")
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("standin") is not None:
+        metafunc.parametrize("computation", ["cpu", "standin"], indirect=True)
+
+
+def _to_standin(value):
+    return "standin" if str(value).strip().lower() == "cpu" else value
+
+
+@pytest.fixture(autouse=True)
+def computation(request, monkeypatch):
+    """Where a test's models compute. In a test marked ``standin`` this is "cpu", then
+    "standin": there every config that computes on the CPU computes on the stand-in
+    accelerator instead (its preparing and computation device; onload/offload "cpu" stay the
+    host's RAM), and the presets fill ``{device}`` with it, so the same test runs the CUDA
+    code paths under the stand-in's copy engine (vram/standin.py)."""
+    kind = getattr(request, "param", "cpu")
+    if kind == "standin":
+        import vram
+        import presets.files
+        from_dict = vram.VramConfig.from_dict.__func__
+
+        def standin_from_dict(cls, config, **overrides):
+            if isinstance(config, dict):
+                config = dict(config)
+                for key in ("preparing_device", "computation_device"):
+                    config[key] = _to_standin(config.get(key, "cpu"))
+            return from_dict(cls, config, **overrides)
+        monkeypatch.setattr(vram.VramConfig, "from_dict", classmethod(standin_from_dict))
+        monkeypatch.setattr(presets.files, "default_compute", lambda: (vram.config.STANDIN, torch.float32))
+    yield kind
 
 
 def pytest_collection_modifyitems(config, items):
@@ -37,9 +71,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def release_managed_models():
+def release_managed_models(computation):
     """Each test starts with a manager holding nothing: a test that fails half-way must not
-    leave its models (and their caps) behind for the next one."""
+    leave its models (and their caps) behind for the next one. Under the stand-in, nothing
+    it allocated may outlive them."""
     yield
     import vram
     for record in vram.get_manager().models():
@@ -47,6 +82,11 @@ def release_managed_models():
             vram.release(record.module)
         except Exception:
             vram.get_manager().unregister(record)
+    if computation == "standin":
+        from vram import standin
+        engine = standin.engine()
+        engine.synchronize()
+        assert engine.live_buffers == 0, f"{engine.live_buffers} stand-in buffers outlived their models"
 
 
 @pytest.fixture(scope="session")

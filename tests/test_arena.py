@@ -15,7 +15,8 @@ import vram.arena
 import vram.weights
 from vram.group import dtypes_at
 from vram.arena import ALIGN, PAGE, Arena, ArenaPool, Layout
-from vram.mover import Landing, SyncMover, make_mover
+from vram.devices import make_mover
+from vram.mover import Landing, SyncMover
 from models import Stack, save_weights, stack_files
 
 FP32 = torch.float32
@@ -258,17 +259,9 @@ def test_sync_mover_on_the_cpu():
     values = [torch.randn(4, 4), torch.randn(3).to(torch.bfloat16)]
     for view, value in zip(layout.views(arena.buffer), values):
         view.copy_(value)
-    built = []
-
-    def build(buffer):
-        assert buffer.dtype == torch.uint8 and buffer.numel() == layout.nbytes
-        tensors = layout.views(buffer)
-        built.append(tensors)
-        return tensors
-
-    landing = mover.to_device(arena.buffer[:layout.nbytes], build)
+    landing = mover.to_device(arena.buffer[:layout.nbytes], layout, (FP32, torch.bfloat16))
     assert isinstance(landing, Landing)
-    assert len(built) == 1 and landing.tensors is built[0]
+    assert landing.buffer.dtype == torch.uint8 and landing.buffer.numel() == layout.nbytes
     assert landing.event is None and landing.synchronous is False and landing.host is None
     assert landing.buffer.device.type == "cpu"
     for tensor, value in zip(landing.tensors, values):

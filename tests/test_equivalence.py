@@ -9,6 +9,8 @@ import torch
 import vram
 from models import CASES, cfg, save_weights
 
+pytestmark = pytest.mark.standin  # each test runs on the CPU and on the stand-in accelerator
+
 FP32 = torch.float32
 
 

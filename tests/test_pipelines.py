@@ -15,6 +15,8 @@ from families import FAMILIES, tiny_call_kwargs
 from pipelines import Cancelled, GenerationRequest, load_pipeline
 from presets import list_presets, preset_configs
 
+pytestmark = pytest.mark.standin  # each test runs on the CPU and on the stand-in accelerator
+
 PROMPT = "a red circle on a blue background"
 # fp8 storage of every text-encoder and denoiser weight, on random tiny models: the largest
 # pixel difference from the bf16/fp32 pipeline, images in [0, 1]. Measured 0.008-0.040.

@@ -132,10 +132,37 @@ def _cuda_clear_error() -> bool:
     return True
 
 
-class Arena:
-    """A page-aligned uint8 buffer of ``nbytes`` in RAM, pinned when asked and allowed."""
+class Pinner:
+    """Page-locks host pages for one kind of accelerator (``CUDA``; the stand-in has its own)."""
 
-    def __init__(self, nbytes: int, *, pin: bool = False):
+    what = "cudaHostRegister"
+
+    def unavailable(self) -> str | None:
+        """Why nothing can be pinned here, or None."""
+        return None if torch.cuda.is_available() else "CUDA is not available"
+
+    def register(self, ptr: int, nbytes: int) -> tuple[int, str]:
+        return _cuda_register(ptr, nbytes)
+
+    def unregister(self, ptr: int) -> None:
+        _cuda_unregister(ptr)
+
+    def clear_error(self) -> bool:
+        return _cuda_clear_error()
+
+    def is_pinned(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor``'s memory is page-locked (copies from it can be asynchronous)."""
+        return tensor.is_pinned()
+
+
+CUDA = Pinner()
+
+
+class Arena:
+    """A page-aligned uint8 buffer of ``nbytes`` in RAM, pinned when asked and allowed.
+    ``pin``: a ``Pinner``, True for CUDA's, or False (pageable)."""
+
+    def __init__(self, nbytes: int, *, pin: "bool | Pinner | None" = False):
         self.nbytes = nbytes
         size = _round_up(max(nbytes, 1), PAGE)
         self.size = size  # whole pages: what the arena adds to the RSS once written
@@ -146,6 +173,7 @@ class Arena:
         self.view = memoryview(self.buffer.numpy())  # for reads straight into it
         self.pinned = False
         self.pin_error: str | None = None
+        self.pinner: Pinner = pin if isinstance(pin, Pinner) else CUDA
         if pin:
             self.pin()
 
@@ -157,16 +185,18 @@ class Arena:
         """Page-lock the arena for asynchronous copies; False (and ``pin_error``) if refused."""
         if self.pinned:
             return True
-        if not torch.cuda.is_available():
-            self.pin_error = "CUDA is not available"
+        pinner = self.pinner
+        reason = pinner.unavailable()
+        if reason is not None:
+            self.pin_error = reason
             return False
-        code, message = _cuda_register(*self._pages)
+        code, message = pinner.register(*self._pages)
         if code == 0:
             self.pinned = True
             self.pin_error = None
             return True
-        cleared = _cuda_clear_error()
-        self.pin_error = f"cudaHostRegister failed ({code}: {message})" + ("" if cleared else "; error not cleared")
+        cleared = pinner.clear_error()
+        self.pin_error = f"{pinner.what} failed ({code}: {message})" + ("" if cleared else "; error not cleared")
         log.warning("arena of %d bytes stays pageable: %s", self.nbytes, self.pin_error)
         return False
 
@@ -175,7 +205,7 @@ class Arena:
         if self.pinned:
             self.pinned = False
             try:
-                _cuda_unregister(self._pages[0])
+                self.pinner.unregister(self._pages[0])
             except Exception:  # noqa: BLE001 - interpreter shutdown, a lost context
                 pass
 
@@ -189,7 +219,7 @@ class ArenaPool:
     An arena handed back with an event (a copy from it still in flight) is reused only after
     ``wait(event)`` returns."""
 
-    def __init__(self, nbytes: int, *, pin: bool, keep: int, wait: Callable[[object], None]):
+    def __init__(self, nbytes: int, *, pin: "bool | Pinner | None", keep: int, wait: Callable[[object], None]):
         self.nbytes = nbytes
         self.pin = pin
         self.keep = max(1, keep)

@@ -28,6 +28,7 @@ from .reports import Counters, RunReport
 if TYPE_CHECKING:
     from .group import Group
     from .model import ManagedModel
+    from .mover import Mover
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ class Manager:
         self._device_peak: dict[str, int] = defaultdict(int)
         self._budgets: dict[str, int] = {}
         self._activation_reserve: dict[str, int] = defaultdict(int)
+        # Activations measured per model and job size (elements of its inputs): bytes.
+        self._activations: dict[str, dict[int, int]] = defaultdict(dict)
+        self._movers: dict[str, "Mover"] = {}  # per device: the mover that speaks for its memory
         self._models: "weakref.WeakValueDictionary[str, ManagedModel]" = weakref.WeakValueDictionary()
         self.clock = 0  # ticks of group use, for least-recently-used eviction
         self.reports: list[RunReport] = []  # the latest 256
@@ -63,28 +67,39 @@ class Manager:
                 n += 1
                 name = f"{base}#{n}"
             self._models[name] = model
-            self._refresh_budget(model.config.budget_device)
+            self._movers[model.budget_key] = model.mover
+            weakref.finalize(model, self._forget, model.budget_key, name)
+            self._refresh_budget(model.budget_key)
             return name
 
     def unregister(self, model: "ManagedModel") -> None:
         with self.lock:
             if self._models.get(model.name) is model:
                 del self._models[model.name]
-            self._refresh_budget(model.config.budget_device)
+            self._activations.pop(model.name, None)
+            self._refresh_budget(model.budget_key)
+
+    def _forget(self, key: str, name: str) -> None:
+        """A registered model was collected without being unregistered."""
+        with self.lock:
+            self._activations.pop(name, None)
+            self._refresh_budget(key)
 
     def models(self) -> list["ManagedModel"]:
         with self.lock:
             return list(self._models.values())
 
-    def _refresh_budget(self, device: torch.device) -> None:
-        """A device's budget is the smallest vram_limit among the models computing on it."""
-        key = str(device)
-        caps = [m.cap_bytes for m in self._models.values()
-                if str(m.config.budget_device) == key and m.cap_bytes is not None]
+    def _refresh_budget(self, key: str) -> None:
+        """A device's budget is the smallest vram_limit among the models computing on it, and
+        its allocator refuses memory past it (an out-of-memory error, not a report)."""
+        caps = [m.cap_bytes for m in self._models.values() if m.budget_key == key and m.cap_bytes is not None]
         if caps:
             self._budgets[key] = min(caps)
         else:
             self._budgets.pop(key, None)
+        mover = self._movers.get(key)
+        if mover is not None:
+            mover.set_cap(self._budgets.get(key))
 
     # -- ledger ---------------------------------------------------------------------------
     def budget(self, device: torch.device | str) -> int | None:
@@ -94,11 +109,13 @@ class Manager:
         if cap is None:
             return None
         reserve = self._activation_reserve[key]
-        if key.startswith("cuda"):
-            # Memory this process holds outside the ledger (inputs, the live activations of
-            # the current forward, other libraries) counts against the cap too, and the
-            # allocator's rounding and fragmentation get a 1/32 margin.
-            outside = max(0, torch.cuda.memory_allocated(key) - self._device_bytes[key])
+        mover = self._movers.get(key)
+        memory = mover.memory() if mover is not None else None
+        if memory is not None:
+            # What the allocator holds beyond the ledger (inputs, the live activations of the
+            # current forward, other libraries, blocks it caches) counts against the cap too,
+            # and its rounding and fragmentation get a 1/32 margin.
+            outside = max(0, memory[1] - self._device_bytes[key])
             reserve = max(reserve, outside) + cap // 32
         return max(0, cap - reserve)
 
@@ -241,15 +258,33 @@ class Manager:
 
 
     # -- activations and reports -------------------------------------------------------------
-    def note_activations(self, device: torch.device, nbytes: int) -> None:
-        """Keep room for activations measured on ``device`` (the largest seen, plus 10%)."""
+    def note_activations(self, model: "ManagedModel", nbytes: int) -> None:
+        """Activations one forward of ``model`` measured, for the job size it announced."""
         with self.lock:
-            key = str(device)
-            reserve = int(nbytes * 1.1)
-            if reserve > self._activation_reserve[key]:
-                self._activation_reserve[key] = reserve
+            size = getattr(model, "job", 0)
+            seen = self._activations[model.name]
+            seen[size] = max(nbytes, seen.get(size, 0))
 
-    def activation_reserve(self, device: torch.device) -> int:
+    def expect_job(self, model: "ManagedModel", size: int) -> None:
+        """A forward of ``model`` on a job of ``size`` input elements begins: room for its
+        activations is what that size measured before, or else the measurements scaled to
+        it (activations grow with tokens x batch x frames), plus 10%. Kept copies that no
+        longer fit beside it are evicted now, before the forward needs the room. Size 0
+        (unknown) keeps room for the largest measured."""
+        with self.lock:
+            model.job = size
+            seen = self._activations.get(model.name) or {}
+            if size in seen:
+                expected = seen[size]
+            else:
+                scaled = [nbytes * size // known for known, nbytes in seen.items() if known and size]
+                expected = max(scaled, default=max(seen.values(), default=0))
+            key = model.budget_key
+            self._activation_reserve[key] = int(expected * 1.1)
+            if key in self._budgets:
+                self.make_room(key, 0, model)
+
+    def activation_reserve(self, device: torch.device | str) -> int:
         return self._activation_reserve[str(device)]
 
     def add_report(self, report: RunReport) -> None:

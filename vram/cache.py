@@ -9,7 +9,7 @@ import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from .arena import Arena
+from .arena import Arena, Pinner
 from .budget import get_manager
 
 if TYPE_CHECKING:
@@ -19,7 +19,7 @@ CACHE_LEDGER = "(ram cache)"
 
 
 class RamCache:
-    def __init__(self, model_name: str, limit_bytes: int, pin: bool):
+    def __init__(self, model_name: str, limit_bytes: int, pin: Pinner | None):
         self.model_name = model_name
         self.limit = limit_bytes
         self.pin = pin

@@ -9,7 +9,9 @@ A config names where a weight lives and in which dtype in each of the four layer
 * computation  - a layer's weights in the computation dtype for one forward (per layer)
 
 ``"disk"`` as offload/onload device and dtype means the weights stay in the model's
-.safetensors files and are read when needed.
+.safetensors files and are read when needed. ``"standin"`` as preparing/computation device is
+the CPU stand-in for an accelerator (standin.py): the model computes on the CPU while its
+weights move through a simulated copy engine, so the accelerator's code paths run here.
 """
 
 from __future__ import annotations
@@ -42,6 +44,24 @@ EXTRA_KEYS = ("vram_limit", "prefetch", "pin_memory", "ram_cache_gib", "granular
 GRANULARITIES = ("block", "leaf")
 MAX_PREFETCH = 32  # groups staged ahead; each costs a group's memory, so more only fills the cap
 
+# The stand-in accelerator: tensors on it are CPU tensors, but the core treats the device as
+# one with memory of its own (see standin.py). torch keeps the index on the device object
+# and drops it on tensors, so this device differs from the host's while computing there.
+STANDIN = torch.device("cpu", 1)
+STANDIN_NAME = "standin"
+
+
+def is_host(device: torch.device | None) -> bool:
+    """Whether ``device`` is the host's RAM (the CPU, not the stand-in)."""
+    return device is not None and device.type == "cpu" and device != STANDIN
+
+
+def device_name(device: torch.device | None) -> str:
+    """A device as configs, ledgers and reports name it."""
+    if device is None:
+        return DISK
+    return STANDIN_NAME if device == STANDIN else str(device)
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -57,7 +77,7 @@ class Placement:
     def __str__(self) -> str:
         if self.is_disk:
             return DISK
-        return f"{self.device}/{str(self.dtype).removeprefix('torch.')}"
+        return f"{device_name(self.device)}/{str(self.dtype).removeprefix('torch.')}"
 
 
 def parse_dtype(value: Any, field_name: str) -> torch.dtype | None:
@@ -80,6 +100,8 @@ def parse_device(value: Any, field_name: str) -> torch.device | None:
     """A device that exists on this machine; ``"disk"`` gives None."""
     if isinstance(value, str) and value.strip().lower() == DISK:
         return None
+    if isinstance(value, str) and value.strip().lower() == STANDIN_NAME or value == STANDIN:
+        return STANDIN
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError) as error:
@@ -142,8 +164,13 @@ class VramConfig:
             if getattr(self, state).is_disk:
                 raise ValueError(f"{state}_device: 'disk' is allowed only for offload/onload")
         if self.preparing.device != self.computation.device:
-            raise ValueError(f"preparing_device ({self.preparing.device}) must be the computation device "
-                             f"({self.computation.device}): preparing stages weights where they compute")
+            raise ValueError(f"preparing_device ({device_name(self.preparing.device)}) must be the computation "
+                             f"device ({device_name(self.computation.device)}): preparing stages weights where "
+                             f"they compute")
+        for state in ("offload", "onload"):
+            if getattr(self, state).device == STANDIN and self.computation.device != STANDIN:
+                raise ValueError(f"{state}_device: 'standin' is the stand-in accelerator; it can hold weights "
+                                 f"only for a model that computes there")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if self.computation.dtype not in COMPUTE_DTYPES:
@@ -214,7 +241,7 @@ class VramConfig:
         for state in STATES:
             placement = getattr(self, state)
             out[f"{state}_dtype"] = DISK if placement.is_disk else placement.dtype
-            out[f"{state}_device"] = DISK if placement.is_disk else str(placement.device)
+            out[f"{state}_device"] = device_name(placement.device)
         out.update(vram_limit=self.vram_limit, prefetch=self.prefetch,
                    pin_memory=self.pin_memory, ram_cache_gib=self.ram_cache_gib, granularity=self.granularity)
         return out

@@ -37,8 +37,8 @@ import torch
 
 from .arena import Arena, Layout
 from .budget import get_manager
-from .config import Placement, VramConfig
-from .mover import Landing, submit
+from .config import Placement, VramConfig, is_host
+from .mover import Landing, cast_views, submit
 from .weights import TensorInfo, plan_runs
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ class Group:
         dtypes = self.base_dtypes()
         compute_bytes = sum(self.entries[i].numel * self.computing[i].itemsize for i in self._casts_compute)
         cast_bytes = sum(e.numel * p.itemsize for e, d, p in zip(self.entries, dtypes, self.preparing) if d != p)
-        on_cpu = self.device.type == "cpu"
+        on_cpu = is_host(self.device)
         if on_cpu and cast_bytes:
             cast_bytes = self.prep_layout.nbytes  # cast into a pooled arena of the preparing layout
         on_device = isinstance(self.base, Landing) or (isinstance(self.base, HostCopy) and on_cpu)
@@ -221,12 +221,12 @@ class Group:
         """Make the staged copy from the base (any thread: the state says it is ours to make)."""
         prep = self.prep
         if prep is Prep.CAST:
-            if self.device.type == "cpu":
+            if is_host(self.device):
                 return self._cast_pooled(self.base_tensors())
-            return Landing(None, self._cast(self.base_tensors(), self.preparing))
+            return Landing(None, cast_views(self.base_tensors(), self.preparing))
         if prep is Prep.COPY:
             base = self.base
-            return self._to_device(base.arena.buffer[:base.layout.nbytes], base.layout, base.dtypes, self.preparing)
+            return self._to_device(base.arena.buffer[:base.layout.nbytes], base.layout, self.preparing)
         model = self.model
         cache = model.cache
         arena = cache.get(self) if cache is not None else None
@@ -241,8 +241,8 @@ class Group:
                 self.read_into(arena)
         layout = self.file_layout
         files = self.file_dtypes
-        if self.device.type != "cpu":
-            landing = self._to_device(arena.buffer[:layout.nbytes], layout, files, self.preparing)
+        if not is_host(self.device):
+            landing = self._to_device(arena.buffer[:layout.nbytes], layout, self.preparing)
             if pooled:
                 model.pool.release(arena, after=landing.event)
             else:
@@ -268,23 +268,15 @@ class Group:
             target.copy_(source)
         return Landing(None, out, host=(pool, arena))
 
-    def _to_device(self, host: torch.Tensor, layout: Layout, dtypes: tuple, targets: tuple) -> Landing:
-        """One copy of ``host`` (laid out as ``layout`` in ``dtypes``) to the device, cast there
-        to ``targets`` where they differ."""
-        def build(buffer):
-            views = layout.views(buffer)
-            return views if dtypes == targets else self._cast(views, targets)
-
-        landing = self.model.mover.to_device(host, build)
+    def _to_device(self, host: torch.Tensor, layout: Layout, targets: tuple) -> Landing:
+        """One copy of ``host`` (laid out as ``layout``) to the device, cast there to
+        ``targets`` where the dtypes differ."""
+        landing = self.model.mover.to_device(host, layout, targets)
         counters = self.manager.counters
         counters.bytes_to_device += layout.nbytes
         if landing.synchronous:
             counters.sync_copies += 1
         return landing
-
-    @staticmethod
-    def _cast(tensors: list[torch.Tensor], dtypes: tuple) -> list[torch.Tensor]:
-        return [t if t.dtype == d else t.to(d) for t, d in zip(tensors, dtypes)]
 
     def plan_reads(self, layout: Layout) -> list:
         """The group's reads for an arena laid out as ``layout``: one per run of its tensors
@@ -530,8 +522,8 @@ class Group:
             return found
         model = self.model
         layout = self.layout_for(dtypes)
-        arena = Arena(layout.nbytes, pin=model.pins)
-        if model.pins and not arena.pinned:
+        arena = Arena(layout.nbytes, pin=model.pinner)
+        if model.pinner is not None and not arena.pinned:
             self.manager.counters.pin_failures += 1
         views = layout.views(arena.buffer)
         source = next(iter(self.host_copies.values()), None)
@@ -570,18 +562,18 @@ class Group:
         model = self.model
         source = self.host_copies.get(dtypes) or next(iter(self.host_copies.values()), None)
         if source is not None:
-            return self._to_device(source.arena.buffer[:source.layout.nbytes], source.layout, source.dtypes, dtypes)
+            return self._to_device(source.arena.buffer[:source.layout.nbytes], source.layout, dtypes)
         if params is not None:
             layout = self.layout_for(dtypes)
             temporary = Arena(layout.nbytes)
             for view, tensor in zip(layout.views(temporary.buffer), params):
                 view.copy_(tensor.detach())
-            landing = self._to_device(temporary.buffer[:layout.nbytes], layout, dtypes, dtypes)
+            landing = self._to_device(temporary.buffer[:layout.nbytes], layout, dtypes)
             model.mover.host_done(landing.event)
             return landing
         arena = model.pool.acquire()
         self.read_into(arena)
-        landing = self._to_device(arena.buffer[:self.file_layout.nbytes], self.file_layout, self.file_dtypes, dtypes)
+        landing = self._to_device(arena.buffer[:self.file_layout.nbytes], self.file_layout, dtypes)
         model.pool.release(arena, after=landing.event)
         return landing
 

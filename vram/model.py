@@ -25,12 +25,13 @@ from .arena import Arena, ArenaPool
 from .budget import RunReport, get_manager
 from .cache import RamCache
 from .casting import tensor_config
-from .config import GIB, VramConfig
+from .config import GIB, VramConfig, device_name, is_host
 from .group import Entry, Group, HostCopy, dtypes_at, make_placeholder
 from .grouping import GroupPlan, plan_groups, split
 from .hooks import GroupHooks
 from .meta import has_meta_parameters
-from .mover import Landing, make_mover
+from .devices import make_mover
+from .mover import Landing
 from .schedule import Schedule
 from .weights import WeightSource
 
@@ -42,6 +43,17 @@ _MANAGED_ATTR = "_vram_managed"
 class ModelState(enum.Enum):
     OFFLOAD = "offload"
     ONLOAD = "onload"
+
+
+def job_size(args, kwargs) -> int:
+    """A forward's size, for scaling its activations: the elements of its floating-point
+    tensor inputs (latents and embeddings: tokens x batch x frames x channels)."""
+    total = 0
+    for value in (*args, *kwargs.values()):
+        for item in (value if isinstance(value, (list, tuple)) else (value,)):
+            if isinstance(item, torch.Tensor) and item.is_floating_point():
+                total += item.numel()
+    return total
 
 
 def _trim_heap() -> None:
@@ -63,7 +75,9 @@ class ManagedModel:
         self.name = name
         self.state = ModelState.OFFLOAD
         self.mover = make_mover(config.computation.device)
-        self.pins = config.computation.device.type == "cuda" and config.pin_memory
+        self.host_computes = is_host(config.computation.device)  # the CPU: no copies to a device
+        # How host arenas are page-locked for asynchronous copies (None: they stay pageable).
+        self.pinner = self.mover.pinner if config.pin_memory else None
         self.groups: list[Group] = []
         self.entries: list[Entry] = []
         self.schedule: Schedule[Group] = Schedule([], config.prefetch)
@@ -76,11 +90,12 @@ class ManagedModel:
         self._run_lock = threading.Lock()
         self._runs = 0
         self._run_marks: dict[str, Any] = {}
-        self.budget_key = str(config.budget_device)
+        self.budget_key = device_name(config.budget_device)
         self.cap_bytes = None if not config.vram_limit else int(config.vram_limit * GIB)
         self.max_group_need = 0
         self.window_bytes = 0
         self.runs_done = 0        # completed top-level forwards (or vram.track blocks)
+        self.job = 0              # the current forward's size (elements of its inputs)
         self.streaming_bytes = 0  # charged for copies that are not kept: in flight or in use
         self.kept_bytes = 0       # charged for copies kept between forwards (what eviction frees)
         self.makes_copies = False
@@ -126,11 +141,11 @@ class ManagedModel:
         """Put a group's base at its placement in ``state`` (no forward, nothing staged)."""
         placement, dtypes = dtypes_at(group, state)
         offload, offload_dtypes = dtypes_at(group, "offload")
-        keep_host = None if offload.is_disk or offload.device.type != "cpu" else offload_dtypes
+        keep_host = offload_dtypes if is_host(offload.device) else None
         manager = get_manager()
         if placement.is_disk:
             group.set_base(None)
-        elif placement.device.type == "cpu":
+        elif is_host(placement.device):
             copy = group.host_copy(dtypes, params, self.scratch)
             group.set_base(copy)
             keep_host = keep_host if keep_host is not None else dtypes
@@ -139,7 +154,7 @@ class ManagedModel:
         else:
             nbytes = sum(e.numel * d.itemsize for e, d in zip(group.entries, dtypes))
             fits = True
-            if self.cap_bytes is not None and str(placement.device) == self.budget_key:
+            if self.cap_bytes is not None and device_name(placement.device) == self.budget_key:
                 with manager.lock:
                     fits = manager.make_room(self.budget_key, nbytes, self, headroom=self.window_bytes)
             if fits:
@@ -166,27 +181,27 @@ class ManagedModel:
         for group in self.groups:
             self.rest(group, state.value)
         self.drop_scratch()
+        # What the last phase left in the allocator's cache would count against the next.
+        self.mover.empty_cache()
         self.state = state
         self.measure()
 
     # -- run reports -----------------------------------------------------------------------
-    def _run_start(self, module, args):
+    def _run_start(self, module, args, kwargs):
         with self._run_lock:
             self._runs += 1
             if self._runs > 1:
                 return None
         self.schedule.start()
-        device = self.config.computation.device
         manager = get_manager()
         manager.reset_peak(self.budget_key)
-        marks = {"t0": time.perf_counter(), "ledger0": manager.resident_bytes(self.budget_key)}
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            marks["alloc0"] = torch.cuda.memory_allocated(device)
-        self._run_marks = marks
+        manager.expect_job(self, job_size(args, kwargs))
+        memory = self.mover.memory()
+        self._run_marks = {"t0": time.perf_counter(), "ledger0": manager.resident_bytes(self.budget_key),
+                           "alloc0": memory[0] if memory else None, "peaks": self.mover.peaks()}
         return None
 
-    def _run_end(self, module, args, output):
+    def _run_end(self, module, args, kwargs, output):
         with self._run_lock:
             if self._runs == 0:
                 return None
@@ -194,23 +209,25 @@ class ManagedModel:
             if self._runs:
                 return None
         self.schedule.finish()
-        device = self.config.computation.device
         manager = get_manager()
         marks = self._run_marks
         ledger_peak = manager.peak_bytes(self.budget_key)
         peak_reserved = activations = None
-        if device.type == "cuda":
-            peak_reserved = torch.cuda.max_memory_reserved(device)
-            outside_at_start = marks["alloc0"] - marks["ledger0"]
-            activations = max(0, torch.cuda.max_memory_allocated(device) - outside_at_start - ledger_peak)
-            manager.note_activations(self.budget_key, activations)
-        if device.type == "cpu" and self.makes_copies:
+        peaks = marks["peaks"].close()
+        if peaks is not None and marks["alloc0"] is not None:
+            peak_allocated, peak_reserved = peaks
+            # Charged but not yet allocated (a prefetch whose copy is still to be issued) is
+            # not memory outside the ledger.
+            outside_at_start = max(0, marks["alloc0"] - marks["ledger0"])
+            activations = max(0, peak_allocated - outside_at_start - ledger_peak)
+            manager.note_activations(self, activations)
+        if self.host_computes and self.makes_copies:
             # Casts below glibc's mmap threshold come and go from the heap; hand what they
             # freed back after each forward so RAM does not creep up run by run.
             _trim_heap()
         self.runs_done += 1
-        manager.add_report(RunReport(self.name, str(device), self.cap_bytes, peak_reserved, ledger_peak,
-                                     activations, time.perf_counter() - marks["t0"]))
+        manager.add_report(RunReport(self.name, self.budget_key, self.cap_bytes, peak_reserved, ledger_peak,
+                                     activations, time.perf_counter() - marks["t0"], self.config.vram_limit))
         return None
 
     # -- views -------------------------------------------------------------------------------
@@ -415,11 +432,11 @@ def _bind(record: ManagedModel, model: torch.nn.Module, config: VramConfig, sour
     record.entries = list(entries.values())
     if source is not None:
         largest = max(g.file_layout.nbytes for g in record.groups) if record.groups else 0
-        record.pool = ArenaPool(largest, pin=record.pins, keep=config.prefetch + 1, wait=record.mover.host_done)
+        record.pool = ArenaPool(largest, pin=record.pinner, keep=config.prefetch + 1, wait=record.mover.host_done)
         if config.uses_disk and config.ram_cache_gib:
-            record.cache = RamCache(record.name, int(config.ram_cache_gib * GIB), record.pins)
+            record.cache = RamCache(record.name, int(config.ram_cache_gib * GIB), record.pinner)
 
-    if config.computation.device.type == "cpu":
+    if record.host_computes:
         record.prep_pool = ArenaPool(max((g.prep_layout.nbytes for g in record.groups), default=0),
                                      pin=False, keep=config.prefetch + 1, wait=record.mover.host_done)
 
@@ -436,7 +453,7 @@ def _bind(record: ManagedModel, model: torch.nn.Module, config: VramConfig, sour
         del params[:]
     record.drop_scratch()
     counters = get_manager().counters
-    if record.pins:
+    if record.pinner is not None:
         counters.pin_failures += sum(1 for g in record.groups for c in g.host_copies.values() if not c.arena.pinned)
     record.measure()
     record.check_cap()
@@ -449,8 +466,8 @@ def _bind(record: ManagedModel, model: torch.nn.Module, config: VramConfig, sour
             module._apply = types.MethodType(_guarded_apply, module)
             record._handles.append(module.register_state_dict_post_hook(_state_dict_hook(record, group, module)))
     record._handles += [
-        model.register_forward_pre_hook(record._run_start, prepend=True),
-        model.register_forward_hook(record._run_end, always_call=True),
+        model.register_forward_pre_hook(record._run_start, prepend=True, with_kwargs=True),
+        model.register_forward_hook(record._run_end, always_call=True, with_kwargs=True),
     ]
     object.__setattr__(model, _MANAGED_ATTR, record)
     summary = record.summary()
@@ -511,11 +528,11 @@ def track(model: torch.nn.Module):
     """Report peak memory against the cap for work that does not go through
     ``model.forward`` (``vae.decode(...)``, ``text_encoder.generate(...)``)."""
     record = managed(model)
-    record._run_start(model, ())
+    record._run_start(model, (), {})
     try:
         yield record
     finally:
-        record._run_end(model, (), None)
+        record._run_end(model, (), {}, None)
 
 
 def onload(model: torch.nn.Module) -> None:

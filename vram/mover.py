@@ -1,17 +1,23 @@
-"""Moving a group's bytes to the computation device, behind one interface.
+"""Moving a group's bytes to the computation device, and that device's memory, behind one
+interface.
 
-``Mover.to_device`` copies one host buffer (a group's arena) into one new device buffer and
-builds the per-tensor views (and any casts) from it; the result is a ``Landing`` whose
-``event`` the consumer waits on before use. Every consumer stream waits (``wait``); a
-buffer is dropped with ``retire``, which orders its reuse after everything the current
-stream has queued so far, the way PyTorch FSDP2 frees its unsharded groups without
-``record_stream``:
+``Mover.to_device(host, layout, targets)`` copies one host buffer (a group's arena, laid out
+as ``layout``) into one new device buffer and gives the per-tensor views, cast to
+``targets`` where the dtypes differ; the result is a ``Landing`` whose ``event`` the consumer
+waits on before use. Every consumer stream waits (``wait``); a buffer is dropped with
+``retire``, which orders its reuse after everything the current stream has queued so far,
+the way PyTorch FSDP2 frees its unsharded groups without ``record_stream``. A mover also
+speaks for its device's memory: what the allocator holds (``memory``), a cap the allocator
+itself enforces (``set_cap``), handing cached blocks back (``empty_cache``) and peaks over one
+run (``peaks``) that do not disturb another run's.
 
 * ``CudaMover``: copies on a side stream from pinned memory; ``retire`` makes the side stream
   wait on an event recorded on the compute stream and only then drops the buffer, so the
   caching allocator can hand the block to the next copy at once and that copy cannot start
-  before the compute stream is done with it.
+  before the compute stream is done with it. The cap is the allocator's per-process memory
+  fraction.
 * ``SyncMover``: any other device (the CPU, MPS): copies complete before they return.
+* ``StandIn`` (standin.py): the CPU pretending to be an accelerator, for tests.
 
 The background thread for disk reads (and the casts that follow them) lives here too.
 """
@@ -22,9 +28,10 @@ import atexit
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
+
+from .arena import CUDA, Layout, Pinner
 
 
 @dataclass
@@ -38,15 +45,29 @@ class Landing:
     host: tuple | None = None  # (pool, arena): pooled host memory the tensors point into (CPU)
 
 
+class PeakScope:
+    """Peak device memory over one run: ``close()`` gives (allocated, reserved) bytes or None."""
+
+    def close(self) -> tuple[int, int] | None:
+        return None
+
+
+def cast_views(views: list[torch.Tensor], targets: tuple) -> list[torch.Tensor]:
+    """``views`` with each tensor whose dtype is not its target replaced by a cast."""
+    return [v if v.dtype == d else v.to(d) for v, d in zip(views, targets)]
+
+
 class Mover:
-    """Copies to one computation device; see the module docstring."""
+    """Copies to one computation device and speaks for its memory; see the module docstring."""
 
     asynchronous = False
+    separate = False            # the device has memory of its own: weights must be copied there
+    pinner: Pinner | None = None  # how host arenas are page-locked for this device (None: never)
 
     def __init__(self, device: torch.device):
         self.device = device
 
-    def to_device(self, host: torch.Tensor, build: Callable[[torch.Tensor], list[torch.Tensor]]) -> Landing:
+    def to_device(self, host: torch.Tensor, layout: Layout, targets: tuple) -> Landing:
         raise NotImplementedError
 
     def wait(self, event) -> None:
@@ -67,30 +88,78 @@ class Mover:
     def synchronize(self) -> None:
         """Wait for every copy issued so far."""
 
+    # -- the device's memory ---------------------------------------------------------------------
+    def memory(self) -> tuple[int, int] | None:
+        """(allocated, reserved) bytes of this process on the device; None if not known."""
+        return None
+
+    def set_cap(self, nbytes: int | None) -> None:
+        """Make the allocator refuse memory past ``nbytes`` (None: no cap)."""
+
+    def empty_cache(self) -> None:
+        """Hand the allocator's cached, unused blocks back (between phases)."""
+
+    def peaks(self) -> PeakScope:
+        """Start measuring one run's peak (other runs' measurements are left alone)."""
+        return PeakScope()
+
 
 class SyncMover(Mover):
     """Devices without streams: a copy is complete when it returns."""
 
-    def to_device(self, host, build):
+    def __init__(self, device: torch.device):
+        super().__init__(device)
+        self.separate = device.type != "cpu"
+
+    def to_device(self, host, layout, targets):
         buffer = host.to(self.device)
-        return Landing(buffer, build(buffer), None, synchronous=self.device.type != "cpu")
+        return Landing(buffer, cast_views(layout.views(buffer), targets), None, synchronous=self.separate)
+
+
+_peak_lock = threading.Lock()
+_open_peaks: dict[int, int] = {}  # CUDA device index -> runs measuring their peak now
+
+
+class _CudaPeaks(PeakScope):
+    """torch keeps one peak per device for the whole process: it is reset only when no other
+    run is measuring, so a run alone gets its own peak and overlapping runs each get the
+    peak since the earliest of them began (never less than their own)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        with _peak_lock:
+            if not _open_peaks.get(device.index, 0):
+                torch.cuda.reset_peak_memory_stats(device)
+            _open_peaks[device.index] = _open_peaks.get(device.index, 0) + 1
+        self.closed = False
+
+    def close(self):
+        if self.closed:
+            return None
+        self.closed = True
+        peak = torch.cuda.max_memory_allocated(self.device), torch.cuda.max_memory_reserved(self.device)
+        with _peak_lock:
+            _open_peaks[self.device.index] -= 1
+        return peak
 
 
 class CudaMover(Mover):
     """A side stream for copies, events to order the compute stream after them."""
 
     asynchronous = True
+    separate = True
+    pinner = CUDA
 
     def __init__(self, device: torch.device):
         super().__init__(device)
         self.stream = torch.cuda.Stream(device)
 
-    def to_device(self, host, build):
-        pinned = host.is_pinned()
+    def to_device(self, host, layout, targets):
+        pinned = self.pinner.is_pinned(host)
         with torch.cuda.stream(self.stream):
             buffer = torch.empty(host.numel(), dtype=torch.uint8, device=self.device)
             buffer.copy_(host, non_blocking=pinned)
-            tensors = build(buffer)
+            tensors = cast_views(layout.views(buffer), targets)
             event = torch.cuda.Event()
             event.record(self.stream)
         return Landing(buffer, tensors, event, synchronous=not pinned)
@@ -116,9 +185,19 @@ class CudaMover(Mover):
     def synchronize(self) -> None:
         self.stream.synchronize()
 
+    def memory(self):
+        return torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)
 
-def make_mover(device: torch.device) -> Mover:
-    return CudaMover(device) if device.type == "cuda" else SyncMover(device)
+    def set_cap(self, nbytes):
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        fraction = 1.0 if nbytes is None else min(1.0, max(0.0, nbytes / total))
+        torch.cuda.set_per_process_memory_fraction(fraction, self.device)
+
+    def empty_cache(self):
+        torch.cuda.empty_cache()
+
+    def peaks(self):
+        return _CudaPeaks(self.device)
 
 
 _reader: ThreadPoolExecutor | None = None

@@ -31,10 +31,11 @@ class RunReport:
     model: str
     device: str
     cap_bytes: int | None
-    peak_reserved_bytes: int | None  # torch's reserved peak on CUDA; None on the CPU
+    peak_reserved_bytes: int | None  # the allocator's reserved peak (CUDA, stand-in); None on the CPU
     peak_ledger_bytes: int           # the core's own charges on the device at their peak
     activation_bytes: int | None
     seconds: float
+    vram_limit: float | None = None  # GiB as configured: 0 streams every group and keeps none
 
     @property
     def within_cap(self) -> bool | None:
@@ -46,7 +47,8 @@ class RunReport:
     def describe(self) -> str:
         def gib(n):
             return "n/a" if n is None else f"{n / GIB:.3f} GiB"
-        cap = "no cap" if self.cap_bytes is None else f"cap {gib(self.cap_bytes)}"
+        cap = ("vram_limit=0: every group streamed, none kept, no cap" if self.vram_limit == 0
+               else "no cap" if self.cap_bytes is None else f"cap {gib(self.cap_bytes)}")
         verdict = {None: "", True: " (within cap)", False: " (ABOVE CAP)"}[self.within_cap]
         return (f"{self.model} on {self.device}: peak reserved {gib(self.peak_reserved_bytes)}, "
                 f"core peak {gib(self.peak_ledger_bytes)}, {cap}{verdict}, {self.seconds:.3f} s")
