@@ -263,7 +263,7 @@ class ManagedPipeline:
         reports0 = manager.reports_total
         monitor.reset_peak_rss()
         device = self.computation_device
-        monitor.reset_device_peaks(device)
+        peaks = monitor.device_peak_scope(device)
         self._run = run
         run.emit("run_start")
         try:
@@ -279,8 +279,9 @@ class ManagedPipeline:
             raise
         finally:
             self._run = None
+            device_peaks = peaks.close()
         self.offload_all()
-        summary = self._summary(run, request, manager, counters0, reports0, device)
+        summary = self._summary(run, request, manager, counters0, reports0, device, device_peaks)
         run.emit("run_end")
         images = videos = None
         if self.family.kind == "video":
@@ -295,8 +296,7 @@ class ManagedPipeline:
         """After a failed or cancelled run: nothing stays onloaded or staged."""
         self.offload_all()
         gc.collect()
-        if self.computation_device.type == "cuda":
-            torch.cuda.empty_cache()
+        vram.empty_cache(self.computation_device)
 
     def _step_callback(self, run: _Run):
         def callback(pipe, index, timestep, callback_kwargs):
@@ -340,11 +340,11 @@ class ManagedPipeline:
             if hasattr(vae, on):
                 getattr(vae, on if wanted else off)()
 
-    def _summary(self, run: _Run, request, manager, counters0, reports0, device) -> RunSummary:
+    def _summary(self, run: _Run, request, manager, counters0, reports0, device, device_peaks) -> RunSummary:
         seconds = run.now()
         reports = manager.reports_since(reports0)
         peaks = [r.peak_reserved_bytes for r in reports if r.peak_reserved_bytes is not None]
-        device_peak = monitor.device_peaks(device).get("reserved")
+        device_peak = device_peaks[1] if device_peaks is not None else None
         peak_vram = max(peaks + ([device_peak] if device_peak is not None else []), default=None)
         # vram_limit 0 means "stream every layer", not a cap of 0 bytes.
         caps = [c.config.vram_limit for c in self.components.values() if c.config.vram_limit]
@@ -358,7 +358,7 @@ class ManagedPipeline:
             step_seconds = (run.step_times[-1] - run.denoise_t0) / len(run.step_times)
         counters = manager.counters
         return RunSummary(
-            model=self.family.key, device=str(device), seconds=seconds,
+            model=self.family.key, device=vram.config.device_name(device), seconds=seconds,
             phase_seconds=dict(run.phase_seconds), steps=len(run.step_times),
             seconds_per_step=step_seconds, peak_ram_bytes=monitor.peak_rss(), peak_vram_bytes=peak_vram,
             vram_limit_bytes=cap_bytes, within_cap=within,

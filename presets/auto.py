@@ -134,9 +134,10 @@ def execute(plan: RunPlan, model: str | Path, request: GenerationRequest, *, sou
     # chase its own corrections).
     errors = {"ram": summary.peak_ram_bytes / prediction.peak_ram_bytes - 1}
     calibration.record(outcome.preset, "ram", raw.peak_ram_bytes, summary.peak_ram_bytes, plan.baseline_ram)
-    if prediction.peak_vram_bytes and summary.peak_vram_bytes:
-        errors["vram"] = summary.peak_vram_bytes / prediction.peak_vram_bytes - 1
-        calibration.record(outcome.preset, "vram", raw.peak_vram_bytes, summary.peak_vram_bytes)
+    # A run measures what torch's allocator reserves: compared with the same, the CUDA context left out.
+    if prediction.peak_vram_reserved_bytes and summary.peak_vram_bytes:
+        errors["vram"] = summary.peak_vram_bytes / prediction.peak_vram_reserved_bytes - 1
+        calibration.record(outcome.preset, "vram", raw.peak_vram_reserved_bytes, summary.peak_vram_bytes)
     return AutoOutcome(outcome, plan.decision, prediction, errors)
 
 

@@ -4,10 +4,14 @@ The model of memory follows what the core does (see vram/):
 * weights rest at a component's *offload* placement for the whole run (RAM when "cpu",
   nothing when "disk"); while its phase runs they sit at the *onload* placement (the GPU for
   model-level offload);
-* a capped component keeps prepared layers on the GPU up to ``vram_limit`` (0: none, only
-  the prefetch window: (prefetch + 1) of its largest groups, in the storage and, when it
-  differs, the computation dtype); uncapped, every staged layer is kept (except a CPU
-  computing from disk, which keeps none);
+* a streamed forward needs at least its prefetch window: (prefetch + 1) of its largest
+  groups in the dtype they move in (the preparing dtype), plus the running group cast to the
+  computation dtype when that differs, plus its activations. A capped component keeps
+  prepared layers beside the window up to ``vram_limit`` (0: none); no cap goes below the
+  window, so a cap under it predicts a peak above the cap (``Prediction.above_cap``).
+  Uncapped, every staged layer is kept (except a CPU computing from disk, which keeps none);
+* on a GPU the process also holds its CUDA context, which torch's allocator does not see: it
+  is in ``peak_vram_bytes`` but not in what the cap bounds (``peak_vram_reserved_bytes``);
 * the disk tier holds the prefetch window of reads in RAM, and a scratch buffer;
 * fp8 storage applies only to layers the core casts (norms, embeddings and the model's
   float32 modules keep their dtype; ``Footprint`` counts them from the checkpoint's names);
@@ -23,6 +27,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -45,6 +50,13 @@ _TEXT_TOKENS = 512
 # RAM the first generation adds besides weights and activations: torch's thread pools and
 # kernel caches, tokenizers' buffers (measured ~30 MiB on a 2-core CPU).
 _RUNTIME_RAM = 24 * 2**20
+# Device memory a process computing on a GPU holds outside torch's allocator: the CUDA
+# context (the driver's state and torch's kernels, loaded lazily since CUDA 11.7) with the
+# cuBLAS/cuBLASLt handles, about 0.3-0.5 GiB on Ampere/Ada/Hopper cards as nvidia-smi shows
+# it for a torch process that has run one matmul. Figures read from nvidia-smi (DiffSynth's
+# guide) include it; max_memory_reserved and vram_limit do not. The tree leaves the same
+# half GiB free for it (tree.VRAM_MARGIN).
+CUDA_CONTEXT_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -59,8 +71,9 @@ class Job:
 
 @dataclass(frozen=True)
 class Prediction:
-    """Bytes. ``peak_vram_bytes`` is None when the computation device is the CPU (then the
-    computation's memory is in ``peak_ram_bytes``)."""
+    """Bytes. ``peak_vram_bytes`` is the GPU's whole use by the process, CUDA context included;
+    None when the computation device is the CPU (then the computation's memory is in
+    ``peak_ram_bytes``)."""
 
     preset: str
     peak_vram_bytes: int | None
@@ -68,6 +81,22 @@ class Prediction:
     vram_limit: float | None
     phases: dict[str, dict[str, int]] = field(default_factory=dict)   # phase -> {"vram", "ram"}
     parts: dict[str, int] = field(default_factory=dict)               # what the peak is made of
+
+    @property
+    def peak_vram_reserved_bytes(self) -> int | None:
+        """The part of ``peak_vram_bytes`` torch's allocator reserves: what a run measures
+        (``max_memory_reserved``) and what ``vram_limit`` bounds; the CUDA context left out."""
+        if self.peak_vram_bytes is None:
+            return None
+        return self.peak_vram_bytes - self.parts.get("cuda_context", 0)
+
+    @property
+    def above_cap(self) -> bool:
+        """Whether the streaming window and activations alone need more than ``vram_limit``.
+        Always so under ``vram_limit=0`` ("stream everything, keep nothing"); under a positive
+        cap the core cannot hold it (``VramLimitError``) and the fallback steps down."""
+        reserved = self.peak_vram_reserved_bytes
+        return reserved is not None and self.vram_limit is not None and reserved > self.vram_limit * GIB
 
 
 def _size(dtype: torch.dtype) -> int:
@@ -157,33 +186,46 @@ def predict(family: Family, footprint: Footprint, job: Job, preset: Preset | str
         if cfg.offload.where != "disk":
             resident[cfg.offload.where] += stored_bytes(component, cfg.offload.dtype, cfg.computation.dtype)
     phase_peaks: dict[str, dict[str, int]] = {}
+    floor_vram = 0   # what the phases cannot do without on the device: windows and activations
     for phase in PHASES:
-        device_need = host_need = 0
+        device_need = host_need = floor = 0
         for component in footprint.in_phase(phase):
-            device_bytes, host_bytes = _phase_bytes(family, component, cfgs[component.name], job)
-            device_need += device_bytes
-            host_need += host_bytes
+            need = _phase_bytes(family, component, cfgs[component.name], job)
+            device_need += need.device
+            host_need += need.host
+            floor += need.device_floor
         if not on_gpu:
             host_need, device_need = host_need + device_need, 0
         phase_peaks[phase] = {"vram": device_need, "ram": host_need}
+        floor_vram = max(floor_vram, floor)
     transient_vram = max(p["vram"] for p in phase_peaks.values())
     transient_ram = max(p["ram"] for p in phase_peaks.values())
     scale_ram = calibration.factor(preset.name, "ram") if calibration else 1.0
     scale_vram = calibration.factor(preset.name, "vram") if calibration else 1.0
     peak_ram = baseline_ram + int((resident["cpu"] + transient_ram + _RUNTIME_RAM) * scale_ram)
     peak_vram = None
-    if on_gpu:
-        peak_vram = int((resident["gpu"] + transient_vram) * scale_vram)
-        if limit is not None:
-            peak_vram = min(peak_vram, int(limit * GIB))
     parts = {"baseline_ram": baseline_ram, "weights_in_ram": resident["cpu"], "transient_ram": transient_ram,
              "weights_on_gpu_always": resident["gpu"], "phase_peak_vram": transient_vram}
+    if on_gpu:
+        reserved = int((resident["gpu"] + transient_vram) * scale_vram)
+        floor = int((resident["gpu"] + floor_vram) * scale_vram)
+        if limit is not None:
+            # Kept copies fill up to the cap; the windows and activations are a floor under it.
+            reserved = min(reserved, max(int(limit * GIB), floor))
+        peak_vram = reserved + CUDA_CONTEXT_BYTES
+        parts.update(streaming_floor_vram=floor, cuda_context=CUDA_CONTEXT_BYTES)
     return Prediction(preset.name, peak_vram, peak_ram, limit, phase_peaks, parts)
 
 
-def _phase_bytes(family: Family, component: ComponentSize, cfg: PlanConfig, job: Job) -> tuple[int, int]:
-    """(bytes on the computation device, bytes in RAM) while ``component``'s phase runs,
-    beyond what rests at its offload placement all run long."""
+class PhaseBytes(NamedTuple):
+    device: int          # on the computation device, kept copies included
+    host: int            # in RAM
+    device_floor: int    # on the device whatever the cap: the streaming window and activations
+
+
+def _phase_bytes(family: Family, component: ComponentSize, cfg: PlanConfig, job: Job) -> PhaseBytes:
+    """Bytes while ``component``'s phase runs, beyond what rests at its offload placement all
+    run long."""
     compute = cfg.computation.dtype
     acts = activation_bytes(family, component, job, compute)
     # The streaming unit is a group (one block); before a download, about 1/40 of a model.
@@ -192,22 +234,28 @@ def _phase_bytes(family: Family, component: ComponentSize, cfg: PlanConfig, job:
     moved = cfg.onload != cfg.offload
     if cfg.onload == cfg.computation:
         # Onloaded whole in the computation dtype (basic, model-level offload): plain forwards.
-        return (stored_bytes(component, compute, compute) if moved else 0) + acts, 0
+        device = (stored_bytes(component, compute, compute) if moved else 0) + acts
+        return PhaseBytes(device, 0, device)
     if cfg.onload.where == cfg.computation.where:
         # Onloaded whole in a storage dtype (fp8): one group at a time has its castable
         # weights cast for compute (the kept ones already are in the computation dtype).
         share = component.castable_parameters / max(1, component.parameters)
         cast = int(largest * share * _size(compute))
-        return (stored_bytes(component, cfg.onload.dtype, compute) if moved else 0) + cast + acts, 0
+        device = (stored_bytes(component, cfg.onload.dtype, compute) if moved else 0) + cast + acts
+        return PhaseBytes(device, 0, device)
     # Layer-level streaming from RAM or disk to the computation device.
     storage = cfg.preparing.dtype
-    # A staged copy already in the computation placement is the one the forward uses.
-    per_layer = _size(storage) if cfg.preparing == cfg.computation else _size(storage) + _size(compute)
-    window = (cfg.prefetch + 1) * largest * per_layer
+    # The running group and `prefetch` more move in the preparing dtype; a staged copy already
+    # in the computation placement is the one the forward uses, else the running group is
+    # cast for its forward (one group at a time).
+    window = (cfg.prefetch + 1) * largest * _size(storage)
+    if cfg.preparing != cfg.computation:
+        window += largest * _size(compute)
     weights = stored_bytes(component, storage, compute)
+    floor = min(weights, window) + acts
     from_disk_on_cpu = cfg.onload.where == "disk" and cfg.preparing.where == "cpu"
     if cfg.vram_limit is not None:
-        device = min(weights, max(window, int(cfg.vram_limit * GIB) - acts)) + acts
+        device = max(floor, min(weights, int(cfg.vram_limit * GIB) - acts) + acts)
     elif from_disk_on_cpu:
         device = window + acts   # uncapped, a CPU computing from disk keeps nothing (vram/ says why)
     else:
@@ -221,7 +269,7 @@ def _phase_bytes(family: Family, component: ComponentSize, cfg: PlanConfig, job:
         if from_disk_on_cpu and file_item == _size(storage):
             in_flight = 0            # the read buffers are the staged copies themselves
         host = in_flight + int(cfg.ram_cache_gib * GIB)
-    return device, host
+    return PhaseBytes(device, host, floor)
 
 
 class Calibration:

@@ -355,7 +355,7 @@ class Session:
                                f"under the disk preset, more than this machine's {hardware.ram_total_bytes / GIB:.1f} "
                                f"GiB; {hint}")
         if hardware.gpus:
-            need = frugal.parts.get("phase_peak_vram", 0)
+            need = frugal.peak_vram_bytes or 0   # the streaming window, activations and the CUDA context
             card = max(g.total_bytes for g in hardware.gpus)
             if need > card:
                 raise RequestError(f"width/height: {size} needs about {need / GIB:.1f} GiB on the GPU even under the "
@@ -438,8 +438,8 @@ class Session:
         prediction = plan.predictions[CUSTOM]
         summary = result.summary
         errors = {"ram": summary.peak_ram_bytes / prediction.peak_ram_bytes - 1}
-        if prediction.peak_vram_bytes and summary.peak_vram_bytes:
-            errors["vram"] = summary.peak_vram_bytes / prediction.peak_vram_bytes - 1
+        if prediction.peak_vram_reserved_bytes and summary.peak_vram_bytes:
+            errors["vram"] = summary.peak_vram_bytes / prediction.peak_vram_reserved_bytes - 1
         limit = min((c.vram_limit for c in configs.values() if c.vram_limit is not None), default=None)
         return RunOutcome(result, CUSTOM, limit, plan, prediction, [], errors)
 

@@ -83,11 +83,17 @@ def decide(hardware: Hardware, family: Family, footprint: Footprint, job: Job, *
         ram_ok = p.peak_ram_bytes <= ram_budget
         vram_ok = True
         if gpu is not None and p.vram_limit is None:
-            vram_ok = p.peak_vram_bytes <= free_vram - VRAM_MARGIN
+            # The margin covers the CUDA context, so it is left out of the peak here.
+            vram_ok = p.peak_vram_reserved_bytes <= free_vram - VRAM_MARGIN
+        elif gpu is not None and p.vram_limit > 0:
+            vram_ok = not p.above_cap   # the core cannot stream under a cap below its window
         needs = f"needs {_gib(p.peak_ram_bytes)} RAM" + (
             f", {_gib(p.peak_vram_bytes)} VRAM" if p.peak_vram_bytes is not None else "")
+        short_of_vram = "not enough VRAM" if p.vram_limit is None else \
+            f"vram_limit {p.vram_limit:g} GiB is below the {_gib(p.parts.get('streaming_floor_vram', 0))} its " \
+            "streaming window and activations need"
         verdict = "yes" if ram_ok and vram_ok else "no: " + " and ".join(
-            w for w, bad in (("not enough VRAM", not vram_ok), ("not enough RAM", not ram_ok)) if bad)
+            w for w, bad in ((short_of_vram, not vram_ok), ("not enough RAM", not ram_ok)) if bad)
         lines.append(f"{name}: {needs} -> {verdict}")
         if ram_ok and vram_ok:
             chosen = name

@@ -98,6 +98,46 @@ def test_host_arenas_are_pinned_once(tmp_path, with_files):
     assert not any(arena.pinned for arena in arenas)
 
 
+def test_the_cap_is_the_allocators(tmp_path):
+    """Past vram_limit the allocator itself refuses memory (an out-of-memory error the preset
+    fallback steps down on), and the cap goes with the last model that set it."""
+    from presets.fallback import out_of_memory
+    model = Stack(width=1024, depth=4, dtype=torch.bfloat16)
+    path = save_weights(model, tmp_path)
+    with vram.empty_weights():
+        model = Stack(width=1024, depth=4, dtype=torch.bfloat16)
+    limit = 0.0625  # GiB
+    vram.enable_vram_management(model, config(("cpu", torch.bfloat16)), vram_limit=limit, weights=path)
+    torch.cuda.empty_cache()
+    with pytest.raises(torch.OutOfMemoryError) as caught:
+        torch.empty(int(2 * limit * GIB), dtype=torch.uint8, device="cuda")
+    assert out_of_memory(caught.value)
+    x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        model(x)
+    report = vram.last_report()
+    assert report.within_cap and report.peak_reserved_bytes <= int(limit * GIB), report.describe()
+    vram.disable_vram_management(model)
+    del model
+    big = torch.empty(int(2 * limit * GIB), dtype=torch.uint8, device="cuda")  # the cap is gone
+    del big
+
+
+def test_a_runs_peak_is_its_own_while_another_run_measures(tmp_path):
+    from vram.devices import peak_scope
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.empty_cache()
+    outer = peak_scope(device)
+    first = torch.empty(64 * 2**20, dtype=torch.uint8, device=device)
+    del first
+    inner = peak_scope(device)  # must not reset the outer run's peak
+    small = torch.empty(2**20, dtype=torch.uint8, device=device)
+    inner_peak = inner.close()
+    outer_peak = outer.close()
+    assert outer_peak[0] >= 64 * 2**20 and inner_peak[0] >= 2**20
+    del small
+
+
 def _flat(inputs):
     if isinstance(inputs, (list, tuple)):
         return [y for x in inputs for y in _flat(x)]

@@ -354,3 +354,31 @@ def test_two_threads_share_one_model_under_slow_copies(tmp_path, slow_copies):
     for t in threads:
         t.join()
     assert failures == []
+
+
+@pytest.mark.parametrize("with_files", [False, True])
+def test_host_arenas_are_pinned_once(tmp_path, with_files):
+    """tests/test_cuda.py's test of the same name, under the stand-in: bound from its files or
+    from its own tensors, every group's host arena is pinned, and the same pinned pages
+    survive onload/offload (model-level offload copies nothing back)."""
+    engine = standin.engine()
+    model = Stack(width=128, depth=2)
+    weights = stack_files(tmp_path, width=128, depth=2)[1] if with_files else None
+    if with_files:
+        with vram.empty_weights():
+            model = Stack(width=128, depth=2)
+    vram.enable_vram_management(model, cfg(HOST, DEVICE, DEVICE, onload=DEVICE), weights=weights)
+    record = vram.managed(model)
+    arenas = [held.arena for group in record.groups for held in group.host_copies.values()]
+    assert arenas and all(arena.pinned and engine.pinner.is_pinned(arena.buffer) for arena in arenas)
+    pointers = [arena.data_ptr for arena in arenas]
+    x = torch.randn(4, 128)
+    for _ in range(2):
+        vram.onload(model)
+        with torch.no_grad():
+            model(x)
+        vram.offload(model)
+    assert [arena.data_ptr for group in record.groups for arena in
+            (c.arena for c in group.host_copies.values())] == pointers
+    vram.release(model)
+    assert not any(arena.pinned for arena in arenas)

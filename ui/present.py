@@ -89,7 +89,9 @@ def summary_markdown(job: Job) -> str:
                                           if outcome.vram_limit is not None else "")),
         ("pipeline", "loaded for this run" if outcome.loaded else "reused (already loaded)"),
         ("peak VRAM", f"{gib(summary.peak_vram_bytes)}" + (" (computing on the CPU)" if summary.peak_vram_bytes is None
-                                                           else f", predicted {gib(prediction.peak_vram_bytes)}")),
+                                                           else f", predicted {gib(prediction.peak_vram_reserved_bytes)}"
+                                                                f" reserved, plus {gib(prediction.parts.get('cuda_context', 0))} "
+                                                                f"of CUDA context")),
         ("cap respected", cap if summary.vram_limit_bytes is not None else "no cap"),
         ("peak RAM", f"{gib(summary.peak_ram_bytes)}, predicted {gib(prediction.peak_ram_bytes)} "
                      f"({outcome.errors.get('ram', 0):+.0%})"),

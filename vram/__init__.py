@@ -16,8 +16,12 @@ between disk, RAM and the computation device under a VRAM cap.
     print(vram.managed(model).summary(), vram.stats()["counters"])
 
 Modules, imports pointing down the list: config, reports, casting, weights, arena, mover,
-budget, cache, group, grouping, schedule, hooks, model (the glue), monitor and sampler.
-This package knows nothing of pipelines, presets or the app.
+standin (the CPU stand-in accelerator), devices, budget, cache, group, grouping, schedule,
+hooks, model (the glue), monitor and sampler. This package knows nothing of pipelines,
+presets or the app.
+
+``computation_device="standin"`` runs a model on the CPU through the stand-in's copy engine
+and allocator (vram/standin.py): the accelerator's code paths, checked without one.
 """
 
 import os as _os
@@ -32,7 +36,8 @@ if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .budget import VramLimitError, get_manager
-from .config import DISK, GIB, Placement, VramConfig
+from .config import DISK, GIB, STANDIN, Placement, VramConfig
+from .devices import empty_cache
 from .group import GroupState
 from .meta import empty_weights
 from .model import (ManagedModel, ModelState, disable_vram_management, enable_vram_management, is_managed,
@@ -53,7 +58,7 @@ def last_report() -> RunReport | None:
 
 
 __all__ = [
-    "DISK", "GIB", "Placement", "VramConfig", "VramLimitError", "Counters", "RunReport", "get_manager",
+    "DISK", "GIB", "STANDIN", "Placement", "empty_cache", "VramConfig", "VramLimitError", "Counters", "RunReport", "get_manager",
     "empty_weights", "GroupState", "ManagedModel", "ModelState", "disable_vram_management", "enable_vram_management",
     "is_managed", "managed", "offload", "onload", "release", "track", "SafetensorsFile", "WeightSource", "stats",
     "last_report",

@@ -112,10 +112,12 @@ class Manager:
         mover = self._movers.get(key)
         memory = mover.memory() if mover is not None else None
         if memory is not None:
-            # What the allocator holds beyond the ledger (inputs, the live activations of the
-            # current forward, other libraries, blocks it caches) counts against the cap too,
-            # and its rounding and fragmentation get a 1/32 margin.
-            outside = max(0, memory[1] - self._device_bytes[key])
+            # What the allocator holds beyond the ledger counts against the cap too: live
+            # tensors the core did not charge (inputs, the current forward's activations,
+            # other libraries) and the fragments of its segments it cannot hand back. Cached
+            # whole segments do not: the allocator releases them for the next copy, under the
+            # cap it enforces. Its rounding gets a 1/32 margin.
+            outside = max(0, memory.allocated + memory.fragmented - self._device_bytes[key])
             reserve = max(reserve, outside) + cap // 32
         return max(0, cap - reserve)
 

@@ -1,4 +1,5 @@
-"""The mover for a computation device: CUDA's, the stand-in's, or the synchronous one."""
+"""The mover for a computation device (CUDA's, the stand-in's, or the synchronous one), and
+per-run peak measurements of its memory."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 
 from . import standin
 from .config import STANDIN
-from .mover import CudaMover, Mover, SyncMover
+from .mover import CudaMover, Mover, PeakScope, SyncMover, _CudaPeaks
 
 
 def make_mover(device: torch.device) -> Mover:
@@ -16,3 +17,18 @@ def make_mover(device: torch.device) -> Mover:
     if device.type == "cuda":
         return CudaMover(device)
     return SyncMover(device)
+
+
+def peak_scope(device: torch.device) -> PeakScope:
+    """Peak memory on ``device`` over one run (see ``Mover.peaks``) without a mover."""
+    if device == STANDIN:
+        return standin.engine().peaks()
+    if device.type == "cuda" and torch.cuda.is_available():
+        return _CudaPeaks(device)
+    return PeakScope()
+
+
+def empty_cache(device: torch.device) -> None:
+    """Hand the allocator's cached, unused blocks on ``device`` back (after a failed run)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -198,7 +198,7 @@ class ManagedModel:
         manager.expect_job(self, job_size(args, kwargs))
         memory = self.mover.memory()
         self._run_marks = {"t0": time.perf_counter(), "ledger0": manager.resident_bytes(self.budget_key),
-                           "alloc0": memory[0] if memory else None, "peaks": self.mover.peaks()}
+                           "alloc0": memory.allocated if memory else None, "peaks": self.mover.peaks()}
         return None
 
     def _run_end(self, module, args, kwargs, output):

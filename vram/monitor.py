@@ -13,6 +13,9 @@ import threading
 import psutil
 import torch
 
+from .devices import peak_scope
+from .mover import PeakScope
+
 _process = psutil.Process(os.getpid())
 _lock = threading.Lock()
 _sampled_peak = 0
@@ -63,15 +66,8 @@ def peak_rss() -> int:
         return max(hwm or 0, _sampled_peak)
 
 
-def reset_device_peaks(device: torch.device) -> None:
-    if device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def device_peaks(device: torch.device) -> dict[str, int]:
-    """torch's peak allocated and reserved bytes on a CUDA device since the last reset;
-    empty for other devices (on the CPU the RSS is the device memory)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return {}
-    return {"allocated": torch.cuda.max_memory_allocated(device),
-            "reserved": torch.cuda.max_memory_reserved(device)}
+def device_peak_scope(device: torch.device) -> PeakScope:
+    """Start measuring torch's peak allocated and reserved bytes on ``device`` for one run;
+    ``close()`` gives them (None on the CPU, where the RSS is the device memory). Runs that
+    overlap do not reset each other's peaks."""
+    return peak_scope(device)

@@ -28,6 +28,7 @@ import atexit
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -43,6 +44,14 @@ class Landing:
     event: object | None = None
     synchronous: bool = False  # the copy blocked the host (pageable source)
     host: tuple | None = None  # (pool, arena): pooled host memory the tensors point into (CPU)
+
+
+class DeviceMemory(NamedTuple):
+    """What the device's allocator holds for this process, bytes."""
+
+    allocated: int   # in live tensors
+    reserved: int    # taken from the device (live tensors, cached blocks, fragmentation)
+    fragmented: int  # reserved, unused, and not releasable: free pieces of segments in use
 
 
 class PeakScope:
@@ -89,8 +98,8 @@ class Mover:
         """Wait for every copy issued so far."""
 
     # -- the device's memory ---------------------------------------------------------------------
-    def memory(self) -> tuple[int, int] | None:
-        """(allocated, reserved) bytes of this process on the device; None if not known."""
+    def memory(self) -> DeviceMemory | None:
+        """What the device's allocator holds for this process; None if not known."""
         return None
 
     def set_cap(self, nbytes: int | None) -> None:
@@ -186,7 +195,9 @@ class CudaMover(Mover):
         self.stream.synchronize()
 
     def memory(self):
-        return torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)
+        stats = torch.cuda.memory_stats(self.device)
+        return DeviceMemory(stats.get("allocated_bytes.all.current", 0), stats.get("reserved_bytes.all.current", 0),
+                            stats.get("inactive_split_bytes.all.current", 0))
 
     def set_cap(self, nbytes):
         total = torch.cuda.get_device_properties(self.device).total_memory

@@ -41,7 +41,7 @@ import torch
 
 from .arena import Layout, Pinner
 from .config import STANDIN
-from .mover import Landing, Mover, PeakScope
+from .mover import DeviceMemory, Landing, Mover, PeakScope
 
 PCIE4_BANDWIDTH = 25e9  # bytes/s: PCIe 4.0 x16, host to device, as measured in practice
 PCIE4_LATENCY = 10e-6   # s per copy: the launch and DMA setup
@@ -204,7 +204,7 @@ class StandIn(Mover):
 
     def memory(self):
         with self._lock:
-            return self.allocated, self.allocated
+            return DeviceMemory(self.allocated, self.allocated, 0)  # nothing cached, nothing fragmented
 
     def set_cap(self, nbytes):
         with self._lock:
