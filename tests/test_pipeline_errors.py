@@ -13,6 +13,8 @@ from pipelines import (DownloadError, GenerationRequest, ModelFilesError, Reques
 from presets import preset_configs
 from test_pipelines import request_for
 
+pytestmark = pytest.mark.standin  # each test runs on the CPU and on the stand-in accelerator
+
 
 def folder_digest(folder: Path) -> dict[str, tuple[str, float]]:
     return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime)

@@ -112,6 +112,32 @@ def test_the_allocator_refuses_memory_past_the_cap():
     engine.retire(engine.to_device(arena.buffer[:layout.nbytes], layout, (torch.float64,)))
 
 
+def test_a_failed_copy_is_an_error_for_whoever_waits_not_a_hang():
+    engine = standin.StandIn(latency=0.0)
+    arena, layout = host_buffer(engine, [torch.randn(8)])
+
+    def fail(job):
+        raise RuntimeError("the copy engine broke")
+    engine._carry_out = fail
+    landing = engine.to_device(arena.buffer[:layout.nbytes], layout, (FP32,))
+    with pytest.raises(RuntimeError, match="stand-in copy failed.*the copy engine broke"):
+        engine.wait(landing.event)
+    del engine._carry_out  # the engine's thread survives and carries on
+    again = engine.to_device(arena.buffer[:layout.nbytes], layout, (FP32,))
+    engine.wait(again.event)
+    assert torch.equal(again.tensors[0], layout.views(arena.buffer)[0])
+
+
+def test_copies_made_under_inference_mode_are_ordinary_tensors():
+    engine = standin.StandIn(latency=0.0)
+    arena, layout = host_buffer(engine, [torch.randn(8)])
+    with torch.inference_mode():
+        landing = engine.to_device(arena.buffer[:layout.nbytes], layout, (torch.float64,))
+        engine.wait(landing.event)
+    assert not landing.buffer.is_inference() and not landing.tensors[0].is_inference()
+    engine.retire(landing)
+
+
 def test_peaks_are_per_run_and_overlapping_runs_do_not_reset_each_other():
     engine = standin.StandIn(latency=0.0)
     arena, layout = host_buffer(engine, [torch.randn(256)])

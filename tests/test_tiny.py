@@ -13,6 +13,8 @@ from pipelines.sources import locate, resolve_model
 from pipelines.tiny import FAMILY, MODEL_DIR, shapes, train
 from presets import list_presets, preset_configs
 
+pytestmark = pytest.mark.standin  # each test runs on the CPU and on the stand-in accelerator
+
 # The pipeline equivalence runs 4 steps (the default 20 would only repeat them).
 STEPS = 4
 PROMPT = "a large yellow star on a purple background, top right"

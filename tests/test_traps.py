@@ -1,3 +1,4 @@
+import pytest
 """What forward code and pipelines read from a managed model looks like the plain model."""
 
 import copy
@@ -6,6 +7,8 @@ import torch
 
 import vram
 from models import CASES, Zoo, save_weights
+
+pytestmark = pytest.mark.standin  # each test runs on the CPU and on the stand-in accelerator
 
 FP8_CPU = {"offload_device": "cpu", "offload_dtype": torch.float8_e4m3fn,
            "onload_device": "cpu", "onload_dtype": torch.float8_e4m3fn,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import torch
 
-from .config import GIB
+from .config import GIB, device_name
 from .reports import Counters, RunReport
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ class Manager:
     # -- ledger ---------------------------------------------------------------------------
     def budget(self, device: torch.device | str) -> int | None:
         """Bytes the core may hold on ``device`` (None: unbounded)."""
-        key = str(device)
+        key = device_name(device)
         cap = self._budgets.get(key)
         if cap is None:
             return None
@@ -123,18 +123,18 @@ class Manager:
 
     def resident_bytes(self, device: torch.device | str) -> int:
         with self.lock:
-            return self._device_bytes[str(device)]
+            return self._device_bytes[device_name(device)]
 
     def peak_bytes(self, device: torch.device | str) -> int:
         with self.lock:
-            return self._device_peak[str(device)]
+            return self._device_peak[device_name(device)]
 
     def reset_peak(self, device: torch.device | str) -> None:
         with self.lock:
-            self._device_peak[str(device)] = self._device_bytes[str(device)]
+            self._device_peak[device_name(device)] = self._device_bytes[device_name(device)]
 
     def charge(self, device: torch.device | str, model: str, group: str, kind: str, nbytes: int) -> None:
-        key = str(device)
+        key = device_name(device)
         with self.lock:
             self._ledger[(key, model, group, kind)] += nbytes
             self._device_bytes[key] += nbytes
@@ -142,7 +142,7 @@ class Manager:
                 self._device_peak[key] = self._device_bytes[key]
 
     def refund(self, device: torch.device | str, model: str, group: str, kind: str, nbytes: int) -> None:
-        key = str(device)
+        key = device_name(device)
         with self.lock:
             entry = (key, model, group, kind)
             self._ledger[entry] -= nbytes
@@ -153,7 +153,7 @@ class Manager:
 
     def fits(self, device: torch.device, nbytes: int, headroom: int = 0) -> bool:
         budget = self.budget(device)
-        return budget is None or self._device_bytes[str(device)] + nbytes + headroom <= budget
+        return budget is None or self._device_bytes[device_name(device)] + nbytes + headroom <= budget
 
     def make_room(self, device: torch.device, nbytes: int, requester: "ManagedModel",
                   headroom: int = 0, own: bool = True) -> bool:
@@ -162,13 +162,13 @@ class Manager:
         Other models' copies go first, least recently used first; the requester's own kept
         copies go only when ``own`` is set.
         """
-        if str(device) not in self._budgets:
+        if device_name(device) not in self._budgets:
             return True  # no cap on this device
         if self.fits(device, nbytes, headroom):
             return True
         # Without scanning: can evicting everything evictable make it fit at all?
         evictable = sum(m.kept_bytes for m in self._models.values()
-                        if m.budget_key == str(device) and (own or m is not requester))
+                        if m.budget_key == device_name(device) and (own or m is not requester))
         if not evictable or not self.fits(device, nbytes - evictable, headroom):
             return False
         for group in self._eviction_candidates(device, requester, own):
@@ -287,7 +287,7 @@ class Manager:
                 self.make_room(key, 0, model)
 
     def activation_reserve(self, device: torch.device | str) -> int:
-        return self._activation_reserve[str(device)]
+        return self._activation_reserve[device_name(device)]
 
     def add_report(self, report: RunReport) -> None:
         with self.lock:

@@ -56,10 +56,12 @@ def is_host(device: torch.device | None) -> bool:
     return device is not None and device.type == "cpu" and device != STANDIN
 
 
-def device_name(device: torch.device | None) -> str:
-    """A device as configs, ledgers and reports name it."""
+def device_name(device: torch.device | str | None) -> str:
+    """A device as configs, ledgers and reports name it (a name is returned as it is)."""
     if device is None:
         return DISK
+    if isinstance(device, str):
+        return device
     return STANDIN_NAME if device == STANDIN else str(device)
 
 
@@ -174,7 +176,7 @@ class VramConfig:
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if self.computation.dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"computation_dtype: {self.computation.device} cannot compute in "
+            raise ValueError(f"computation_dtype: {device_name(self.computation.device)} cannot compute in "
                              f"{self.computation.dtype}; use one of {_names(COMPUTE_DTYPES)}")
         if self.computation.device.type == "cuda" and self.computation.dtype == torch.bfloat16 \
                 and not torch.cuda.is_bf16_supported():

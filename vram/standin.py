@@ -50,16 +50,19 @@ PCIE4_LATENCY = 10e-6   # s per copy: the launch and DMA setup
 class StandInEvent:
     """Completes when the engine's thread has carried out the work recorded before it."""
 
-    __slots__ = ("_done",)
+    __slots__ = ("_done", "error")
 
     def __init__(self):
         self._done = threading.Event()
+        self.error: BaseException | None = None
 
     def query(self) -> bool:
         return self._done.is_set()
 
     def synchronize(self) -> None:
         self._done.wait()
+        if self.error is not None:
+            raise RuntimeError(f"stand-in copy failed: {self.error!r}") from self.error
 
 
 class StandInPinner(Pinner):
@@ -149,7 +152,8 @@ class _Peaks(PeakScope):
 
 def _poison(tensor: torch.Tensor) -> None:
     """All bits set: NaN in every floating dtype the core stores."""
-    tensor.reshape(-1).view(torch.uint8).fill_(0xFF)
+    with torch.no_grad():
+        tensor.reshape(-1).view(torch.uint8).fill_(0xFF)
 
 
 class StandIn(Mover):
@@ -194,7 +198,10 @@ class StandIn(Mover):
             for scope in self._scopes:
                 if self.allocated > scope.peak:
                     scope.peak = self.allocated
-        tensor = torch.empty(numel if shape is None else shape, dtype=dtype)
+        # Ordinary tensors whatever the caller's mode: the engine's thread writes them outside
+        # any inference_mode block (as a GPU's copy engine writes whatever torch thinks).
+        with torch.inference_mode(False):
+            tensor = torch.empty(numel if shape is None else shape, dtype=dtype)
         _poison(tensor)
         return tensor
 
@@ -231,37 +238,45 @@ class StandIn(Mover):
             self._ready.notify()
 
     def _run(self) -> None:
-        while True:
-            with self._ready:
-                while not self._queue:
-                    self._ready.wait()
-                job = self._queue.popleft()
-            if job.poison:
-                for tensor in job.poison:
-                    _poison(tensor)
-                job.event._done.set()
-                continue
-            # The destination reads NaN until the copy lands: wait out the simulated transfer
-            # less what the real copy is expected to take, then copy.
-            begin = max(self._clock, job.issued)
-            finish = begin + self.latency + job.nbytes / self.bandwidth
-            ahead = finish - job.nbytes * self._seconds_per_byte - time.perf_counter()
-            if ahead > 0:
-                time.sleep(ahead)
-            started = time.perf_counter()
-            if job.source is not None:
-                job.target.copy_(job.source)
-            for out, view in job.casts:
-                out.copy_(view)
-            landed = time.perf_counter()
-            if job.nbytes:
-                rate = (landed - started) / job.nbytes
-                self._seconds_per_byte += 0.25 * (rate - self._seconds_per_byte)
-            self._clock = max(finish, landed)
-            self.copies += 1
-            self.bytes_copied += job.nbytes
-            self.busy_s += self._clock - begin
+        with torch.no_grad():
+            while True:
+                with self._ready:
+                    while not self._queue:
+                        self._ready.wait()
+                    job = self._queue.popleft()
+                try:
+                    self._carry_out(job)
+                except BaseException as error:  # noqa: BLE001 - handed to whoever waits
+                    job.event.error = error
+                    job.event._done.set()
+
+    def _carry_out(self, job: _Job) -> None:
+        if job.poison:
+            for tensor in job.poison:
+                _poison(tensor)
             job.event._done.set()
+            return
+        # The destination reads NaN until the copy lands: wait out the simulated transfer
+        # less what the real copy is expected to take, then copy.
+        begin = max(self._clock, job.issued)
+        finish = begin + self.latency + job.nbytes / self.bandwidth
+        ahead = finish - job.nbytes * self._seconds_per_byte - time.perf_counter()
+        if ahead > 0:
+            time.sleep(ahead)
+        started = time.perf_counter()
+        if job.source is not None:
+            job.target.copy_(job.source)
+        for out, view in job.casts:
+            out.copy_(view)
+        landed = time.perf_counter()
+        if job.nbytes:
+            rate = (landed - started) / job.nbytes
+            self._seconds_per_byte += 0.25 * (rate - self._seconds_per_byte)
+        self._clock = max(finish, landed)
+        self.copies += 1
+        self.bytes_copied += job.nbytes
+        self.busy_s += self._clock - begin
+        job.event._done.set()
 
     def to_device(self, host, layout: Layout, targets):
         pinned = self.pinner.is_pinned(host)
