@@ -2,7 +2,7 @@
 """GPU benchmark of the vram core: seconds per forward and peak VRAM against vram_limit.
 
     PYTHONPATH=. .venv/bin/python bench/core_gpu.py                    # Z-Image transformer, 1024 px
-    PYTHONPATH=. .venv/bin/python bench/core_gpu.py --quick            # 10 layers, 512 px, fewer forwards
+    PYTHONPATH=. .venv/bin/python bench/core_gpu.py --quick            # 6 layers, 512 px, fewer forwards
     PYTHONPATH=. .venv/bin/python bench/core_gpu.py --model synthetic --size-gib 12
     PYTHONPATH=. .venv/bin/python bench/core_gpu.py --cpu-dry-run      # code-path check on a CPU, tiny model
 
@@ -456,7 +456,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("zimage", "synthetic"), default="zimage")
-    parser.add_argument("--layers", type=int, default=None, help="Z-Image main layers (default 30; 10 with --quick)")
+    parser.add_argument("--layers", type=int, default=None, help="Z-Image main layers (default 30; 6 with --quick)")
     parser.add_argument("--resolution", type=int, default=None, help="Z-Image image side in pixels (default 1024; 512 quick)")
     parser.add_argument("--cap-len", type=int, default=256, help="Z-Image caption tokens")
     parser.add_argument("--size-gib", type=float, default=12.0, help="synthetic model: bf16 weight bytes")
@@ -465,7 +465,8 @@ def main() -> int:
     parser.add_argument("--blocks", type=int, default=None)
     parser.add_argument("--tokens", type=int, default=4096, help="synthetic model: sequence length")
     parser.add_argument("--limits", default="25,50", help="vram_limit rows, percent of the weight bytes")
-    parser.add_argument("--quick", action="store_true", help="smaller Z-Image (10 layers, 512 px), fewer forwards")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller Z-Image (6 layers, 512 px), fewer forwards: a few minutes at most on an H200")
     parser.add_argument("--warmup", type=int, default=None, help="default 2 (1 quick)")
     parser.add_argument("--repeats", type=int, default=None, help="default 5 (3 quick)")
     parser.add_argument("--seed", type=int, default=0)
@@ -473,7 +474,7 @@ def main() -> int:
     parser.add_argument("--skip", default="", help="comma-separated modes to leave out")
     parser.add_argument("--out-dir", default=str(ROOT / "bench" / "out" / "gpu"))
     parser.add_argument("--diffsynth-python", default=sys.executable)
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per row")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per row (default 900; 120 quick)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--cpu-dry-run", action="store_true",
@@ -498,7 +499,8 @@ def main() -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
     if args.layers is None and args.quick and args.model == "zimage":
-        args.layers = 10
+        args.layers = 6
+    args.timeout = args.timeout or (120.0 if args.quick else 900.0)
     args.resolution = args.resolution or (512 if args.quick or args.cpu_dry_run else 1024)
     if args.cpu_dry_run:
         args.cap_len = min(args.cap_len, 32)

@@ -46,7 +46,6 @@ import argparse
 import gc
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -65,8 +64,8 @@ for _path in (HERE, ROOT, ROOT / "tests"):
 
 import torch  # noqa: E402
 
-from _common import (GIB, CpuShare, Memory, describe_machine, emit, machine_info, md_table, proc_status,  # noqa: E402
-                     random_state_dict, run_worker, serve_worker, warm_page_cache)
+from _common import (GIB, MARKER, CpuShare, Memory, describe_machine, emit, machine_info, md_table,  # noqa: E402
+                     proc_status, random_state_dict, run_worker, serve_worker, warm_page_cache, written_once)
 
 REFERENCE = "diffusers"          # the reference row's name in both tables
 TOUCHED = "diffusers+touch"      # from_pretrained, then one read of every weight page
@@ -97,23 +96,6 @@ def flux_config(size_gib: float) -> dict:
                 fallback = fallback or config
                 break
     return fallback
-
-
-MARKER = "bench_complete.json"   # written last into a finished folder: its presence means "reuse"
-
-
-def written_once(folder: Path, write, about: dict) -> Path:
-    """``folder``, made by ``write(tmp)`` in a sibling temporary folder and renamed into place
-    unless a finished one is already there."""
-    if (folder / MARKER).is_file():
-        return folder
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    (tmp / MARKER).write_text(json.dumps(about))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return folder
 
 
 def build_checkpoint(out_dir: Path, size_gib: float, seed: int) -> Path:

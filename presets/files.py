@@ -92,13 +92,13 @@ def preset_configs(name: str, *, vram_limit: float | None = None, device: str | 
     ``vram_limit`` (GiB) applies to presets that manage layers under a cap."""
     preset = load_preset(name)
     default_device, default_dtype = default_compute()
-    device = torch.device(device) if device is not None else default_device
+    device = vram.config.parse_device(device, "device") if device is not None else default_device
     dtype = vram.config.parse_dtype(dtype, "dtype") if isinstance(dtype, str) else (dtype or default_dtype)
     return _fill(preset, device, dtype, vram_limit if preset.uses_vram_limit else None)
 
 
 def _fill(preset: Preset, device: torch.device, dtype: torch.dtype, vram_limit: float | None):
-    names = {"{device}": str(device), "{dtype}": str(dtype).removeprefix("torch.")}
+    names = {"{device}": vram.config.device_name(device), "{dtype}": str(dtype).removeprefix("torch.")}
     out = {}
     for key, raw in preset.components.items():
         config = {k: names.get(v, v) if isinstance(v, str) else v for k, v in raw.items()}

@@ -50,7 +50,9 @@ def test_streaming_respects_the_cap_and_prefetches(tmp_path):
         expected = plain.cuda()(x)
     del plain
     torch.cuda.empty_cache()
-    limit = 0.25 * 0.5  # 25% of the weights, GiB
+    # Half the weights, GiB: room for the prefetch window (3 groups of 32 MiB) and some kept
+    # groups beside cuBLAS's workspace, which the allocator holds under the cap too.
+    limit = 0.5 * 0.5
     with vram.empty_weights():
         model = Stack(width=4096, depth=16, dtype=torch.bfloat16)
     vram.enable_vram_management(model, config(("cpu", torch.bfloat16)), vram_limit=limit, weights=path)

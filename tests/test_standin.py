@@ -408,3 +408,22 @@ def test_host_arenas_are_pinned_once(tmp_path, with_files):
             (c.arena for c in group.host_copies.values())] == pointers
     vram.release(model)
     assert not any(arena.pinned for arena in arenas)
+
+
+@pytest.mark.parametrize("offload", [HOST, DISK], ids=["ram", "disk"])
+def test_refused_pinning_is_counted_and_copies_fall_back_to_synchronous(tmp_path, offload):
+    """The driver refuses to page-lock any more memory: arenas stay pageable, each refusal is
+    counted once, every copy from them blocks the host (and says so), results stay exact."""
+    with standin.configured(bandwidth=1e9, latency=0.002, pin_limit=0):
+        counters = vram.get_manager().counters
+        failures, sync = counters.pin_failures, counters.sync_copies
+        plain, model = managed(tmp_path, cfg(offload, DEVICE, DEVICE, prefetch=1), limit=0)
+        x = torch.randn(2, 256)
+        with torch.no_grad():
+            expected = plain(x)
+        assert all(torch.equal(y, expected) for y in outputs(model, x))
+        record = vram.managed(model)
+        arenas = ([c.arena for g in record.groups for c in g.host_copies.values()] if offload is HOST
+                  else [None] * record.pool.allocated)
+        assert counters.pin_failures - failures == len(arenas) > 0
+        assert counters.sync_copies - sync >= 3 * len(record.groups)

@@ -101,8 +101,14 @@ class PinError(RuntimeError):
 def _cuda_register(ptr: int, nbytes: int) -> tuple[int, str]:
     portable = 1  # cudaHostRegisterPortable: pinned for every CUDA context (several GPUs)
     cudart = torch.cuda.cudart()
-    code = int(cudart.cudaHostRegister(ptr, nbytes, portable))
-    return code, ("" if code == 0 else str(cudart.cudaGetErrorString(code)))
+    error = cudart.cudaHostRegister(ptr, nbytes, portable)  # torch's cudaError enum
+    code = int(error)
+    if code == 0:
+        return 0, ""
+    try:
+        return code, str(cudart.cudaGetErrorString(error))
+    except (TypeError, RuntimeError):  # a binding that takes only its enum, or none at all
+        return code, f"cudaError {code}"
 
 
 def _cuda_unregister(ptr: int) -> None:
@@ -219,13 +225,15 @@ class ArenaPool:
     An arena handed back with an event (a copy from it still in flight) is reused only after
     ``wait(event)`` returns."""
 
-    def __init__(self, nbytes: int, *, pin: "bool | Pinner | None", keep: int, wait: Callable[[object], None]):
+    def __init__(self, nbytes: int, *, pin: "bool | Pinner | None", keep: int, wait: Callable[[object], None],
+                 on_pin_failure: Callable[[], None] | None = None):
         self.nbytes = nbytes
         self.pin = pin
         self.keep = max(1, keep)
         self.allocated = 0  # arenas ever allocated (the ring's size, for tests and reports)
         self.pin_failures = 0
         self._wait = wait
+        self._on_pin_failure = on_pin_failure
         self._free: list[tuple[Arena, object]] = []
         self._lock = threading.Lock()
 
@@ -238,10 +246,12 @@ class ArenaPool:
                 self._wait(event)
             return arena
         arena = Arena(self.nbytes, pin=self.pin)
+        refused = bool(self.pin) and not arena.pinned
         with self._lock:
             self.allocated += 1
-            if self.pin and not arena.pinned:
-                self.pin_failures += 1
+            self.pin_failures += refused
+        if refused and self._on_pin_failure is not None:
+            self._on_pin_failure()
         return arena
 
     def release(self, arena: Arena, after: object = None) -> None:

@@ -223,7 +223,9 @@ class Group:
         if prep is Prep.CAST:
             if is_host(self.device):
                 return self._cast_pooled(self.base_tensors())
-            return Landing(None, cast_views(self.base_tensors(), self.preparing))
+            # On the device, maybe on the reader thread: its stream may not be the consumer's.
+            mover = self.model.mover
+            return Landing(None, cast_views(self.base_tensors(), self.preparing), mover.record())
         if prep is Prep.COPY:
             base = self.base
             return self._to_device(base.arena.buffer[:base.layout.nbytes], base.layout, self.preparing)

@@ -411,6 +411,12 @@ def _expected_need(group: Group, state: str) -> int:
     return moved + casts + compute
 
 
+def _count_pin_failure() -> None:
+    manager = get_manager()
+    with manager.lock:
+        manager.counters.pin_failures += 1
+
+
 def _bind(record: ManagedModel, model: torch.nn.Module, config: VramConfig, source: WeightSource | None,
           keep_fp32: Sequence[str] | None) -> None:
     entries = _entries(model, config, source, keep_fp32)
@@ -432,7 +438,8 @@ def _bind(record: ManagedModel, model: torch.nn.Module, config: VramConfig, sour
     record.entries = list(entries.values())
     if source is not None:
         largest = max(g.file_layout.nbytes for g in record.groups) if record.groups else 0
-        record.pool = ArenaPool(largest, pin=record.pinner, keep=config.prefetch + 1, wait=record.mover.host_done)
+        record.pool = ArenaPool(largest, pin=record.pinner, keep=config.prefetch + 1, wait=record.mover.host_done,
+                                on_pin_failure=_count_pin_failure)
         if config.uses_disk and config.ram_cache_gib:
             record.cache = RamCache(record.name, int(config.ram_cache_gib * GIB), record.pinner)
 
@@ -452,9 +459,6 @@ def _bind(record: ManagedModel, model: torch.nn.Module, config: VramConfig, sour
         record.rest(group, "offload", use)
         del params[:]
     record.drop_scratch()
-    counters = get_manager().counters
-    if record.pinner is not None:
-        counters.pin_failures += sum(1 for g in record.groups for c in g.host_copies.values() if not c.arena.pinned)
     record.measure()
     record.check_cap()
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -125,6 +126,8 @@ class SyncMover(Mover):
         return Landing(buffer, cast_views(layout.views(buffer), targets), None, synchronous=self.separate)
 
 
+FRAGMENTATION_TTL_S = 0.005  # how stale CudaMover.memory()'s fragmentation figure may be
+
 _peak_lock = threading.Lock()
 _open_peaks: dict[int, int] = {}  # CUDA device index -> runs measuring their peak now
 
@@ -162,6 +165,8 @@ class CudaMover(Mover):
     def __init__(self, device: torch.device):
         super().__init__(device)
         self.stream = torch.cuda.Stream(device)
+        self._fragmented = 0
+        self._fragmented_at = float("-inf")
 
     def to_device(self, host, layout, targets):
         pinned = self.pinner.is_pinned(host)
@@ -195,9 +200,16 @@ class CudaMover(Mover):
         self.stream.synchronize()
 
     def memory(self):
-        stats = torch.cuda.memory_stats(self.device)
-        return DeviceMemory(stats.get("allocated_bytes.all.current", 0), stats.get("reserved_bytes.all.current", 0),
-                            stats.get("inactive_split_bytes.all.current", 0))
+        allocated = torch.cuda.memory_allocated(self.device)
+        reserved = torch.cuda.memory_reserved(self.device)
+        # Fragmentation needs the full statistics (a dict of a few hundred entries): read at
+        # most every few milliseconds, and never more than what is reserved and unused.
+        now = time.monotonic()
+        if now - self._fragmented_at > FRAGMENTATION_TTL_S:
+            stats = torch.cuda.memory_stats(self.device)
+            self._fragmented = stats.get("inactive_split_bytes.all.current", 0)
+            self._fragmented_at = now
+        return DeviceMemory(allocated, reserved, min(self._fragmented, max(0, reserved - allocated)))
 
     def set_cap(self, nbytes):
         total = torch.cuda.get_device_properties(self.device).total_memory
