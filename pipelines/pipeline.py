@@ -32,6 +32,7 @@ from vram import monitor
 from . import loading
 from .registry import Family, get_family
 from .request import GenerationRequest, RequestError
+from .errors import Cancelled
 from .sources import resolve_model
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,6 @@ _PACKED_LATENTS = {"QwenImagePipeline", "ZImagePipeline", "FluxPipeline"}
 _PIPELINE_MULTIPLE = {"StableDiffusionXLPipeline": 8}
 _CONFIG_KEYS = {f"{state}_{what}" for state in ("offload", "onload", "preparing", "computation")
                 for what in ("device", "dtype")}
-
-
-class Cancelled(RuntimeError):
-    """The run was cancelled between steps; its memory has been released."""
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .errors import Cancelled
 from .loading import ModelFilesError, check_folder, family_of_folder
 from .registry import Family, get_family
 
@@ -134,7 +135,7 @@ def _download_huggingface(repo: str, folder: Path, patterns: list[str], progress
         # GET /api/models/<repo>?blobs=True: the commit, and every file's size
         # (and sha256 for LFS files). The download below is pinned to that commit.
         info = HfApi(endpoint=endpoint).model_info(repo, files_metadata=True)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Cancelled):
         raise
     except Exception as error:
         raise _failed(repo, source, patterns, folder, error) from error
@@ -151,7 +152,7 @@ def _download_huggingface(repo: str, folder: Path, patterns: list[str], progress
         try:
             snapshot_download(repo, local_dir=folder, allow_patterns=patterns, endpoint=endpoint,
                               revision=info.sha, tqdm_class=_hf_progress(progress) if progress else None)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Cancelled):
             raise
         except Exception as error:  # every hub/network failure becomes one message that says what to do
             raise _failed(repo, source, patterns, folder, error) from error
@@ -198,7 +199,7 @@ def _download_modelscope(repo: str, folder: Path, patterns: list[str], progress:
         # Type, Size and Sha256; the same call download_repo makes, and its result is handed to
         # download_repo below so the download works from this very listing.
         files = api.legacy.list_repo_files(repo_id=repo, repo_type="model", revision=revision, recursive=True)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Cancelled):
         raise
     except Exception as error:
         raise _failed(repo, source, patterns, folder, error) from error
@@ -223,10 +224,15 @@ def _download_modelscope(repo: str, folder: Path, patterns: list[str], progress:
             api.download_repo(repo, "model", revision=revision, local_dir=folder, allow_patterns=patterns,
                               file_list=files,
                               progress_callbacks=[_modelscope_progress(progress)] if progress else None)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Cancelled):
             raise
         except Exception as error:  # every hub/network failure becomes one message that says what to do
             failed = getattr(error, "failed_files", None) or {}
+            # The client retries each file and gathers the failures: a Cancel among them is
+            # the reason, not a failure.
+            cancelled = next((e for e in failed.values() if isinstance(e, Cancelled)), None)
+            if cancelled is not None:
+                raise cancelled from None
             detail = "; ".join(f"{n}: {type(e).__name__}" for n, e in sorted(failed.items()))
             raise _failed(repo, source, patterns, folder, error, detail) from error
     return _fetch_checked(repo, source, folder, needed, fetch)

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from pipelines import Event, Family, GenerationRequest
+from pipelines import Cancelled, Event, Family, GenerationRequest
 from pipelines.sources import is_local, locate
 from vram import monitor
 
@@ -105,6 +105,18 @@ def plan_run(model: str | Path, request: GenerationRequest, *, preset: str = "au
     return RunPlan(folder, family, hardware, sizes, job, baseline, decision, preset, vram_limit, device)
 
 
+def _stops_on_cancel(progress: Callable[[str, int, int], None] | None, cancel) -> Callable[[str, int, int], None]:
+    """A download's progress callback that also stops it (``Cancelled``) once ``cancel`` is set:
+    the hub clients call it after every chunk, so Cancel ends a download within one chunk."""
+    def report(name: str, done: int, total: int) -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"cancelled while downloading {name} ({done / 2**20:.0f} of {total / 2**20:.0f} MiB); "
+                            f"finished files are kept and the next run resumes")
+        if progress is not None:
+            progress(name, done, total)
+    return report
+
+
 def execute(plan: RunPlan, model: str | Path, request: GenerationRequest, *, source: str = "modelscope",
             models_dir: str | Path | None = None, on_event: Callable[[Event], None] | None = None, cancel=None,
             pipeline_kwargs: dict | None = None, on_message: Callable[[str], None] | None = None,
@@ -116,8 +128,8 @@ def execute(plan: RunPlan, model: str | Path, request: GenerationRequest, *, sou
     calibration = calibration or Calibration()
     local = is_local(model)
     load_options = {} if local else {"source": source, "models_dir": models_dir}
-    if progress is not None:
-        load_options["progress"] = progress
+    if not local and (progress is not None or cancel is not None):
+        load_options["progress"] = _stops_on_cancel(progress, cancel)
     outcome = generate_with_fallback(
         model if local else plan.family.key, request, plan.preset, vram_limit=plan.vram_limit, device=plan.device,
         dtype=plan.dtype, on_event=on_event, cancel=cancel, pipeline_kwargs=pipeline_kwargs, on_message=on_message,

@@ -30,7 +30,8 @@ def free_port() -> int:
 class AppServer:
     """``python app.py`` on a free port; ``url``, ``pid``, ``rss()``, ``log()``, ``stop()``."""
 
-    def __init__(self, root: Path, tiny_sdxl: Path, *, extra_args: tuple[str, ...] = ()):
+    def __init__(self, root: Path, tiny_sdxl: Path, *, extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
         self.models = root / "models"
         self.outputs = root / "outputs"
         self.models.mkdir(parents=True, exist_ok=True)
@@ -38,11 +39,13 @@ class AppServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log_path = root / "server.log"
+        extra_env = env
         env = {**os.environ, "LOWVRAM_MODELS_DIR": str(self.models), "HF_HUB_OFFLINE": "1",
                "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
                # One compute thread: on a shared 2-core machine, OpenMP threads that spin-wait
                # for a busy core make tiny runs a hundred times slower.
                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        env.update(extra_env or {})
         env.pop("GRADIO_SERVER_NAME", None)
         env.pop("GRADIO_SERVER_PORT", None)
         self._log = open(self.log_path, "w")

@@ -377,3 +377,36 @@ def test_modelscope_too_little_disk_space_is_refused_before_downloading(ms_hub, 
     monkeypatch.setattr(pipelines.sources.shutil, "disk_usage", lambda path: usage._replace(free=total))
     ms_fetch(ms_hub, target)
     assert_identical(ms_hub, target)
+
+
+# -- Cancel stops a download ----------------------------------------------------------------------
+
+def _cancel_after_first_bytes(hub):
+    """A progress callback as the app's: Cancel is pressed once the first bytes have arrived
+    (presets.auto wraps the job's progress so that it raises Cancelled once cancel is set)."""
+    import threading
+
+    from presets.auto import _stops_on_cancel
+    cancel = threading.Event()
+    seen = []
+
+    def progress(name, done, total):
+        seen.append((name, done, total))
+        if done > 0:
+            cancel.set()
+    return _stops_on_cancel(progress, cancel), seen
+
+
+@pytest.mark.parametrize("source", ["huggingface", "modelscope"])
+def test_cancel_stops_a_download_and_the_next_run_completes(request, source, tmp_path):
+    from pipelines import Cancelled
+    hub = request.getfixturevalue("hub" if source == "huggingface" else "ms_hub")
+    get = fetch if source == "huggingface" else ms_fetch
+    progress, seen = _cancel_after_first_bytes(hub)
+    folder = tmp_path / "m"
+    with pytest.raises(Cancelled, match="cancelled while downloading"):
+        get(hub, folder, progress=progress)
+    assert seen and seen[-1][1] < sum(len(hub.files[n]) for n in needed(hub))  # stopped early
+    no_wrong_files(hub, folder)  # nothing left that looks complete but is not
+    get(hub, folder)
+    assert_identical(hub, folder)

@@ -24,6 +24,8 @@ from typing import Callable
 from pipelines import Cancelled, Event
 from presets.session import RunOutcome, Session, SessionPlan
 
+from .zerogpu import across_fork
+
 log = logging.getLogger(__name__)
 
 
@@ -58,12 +60,13 @@ class StepMark:
 
 def gpu_task(fn: Callable) -> Callable:
     """``fn`` under Hugging Face's ``spaces.GPU`` when the ``spaces`` package is present (a
-    ZeroGPU Space attaches a GPU only inside such a call); ``fn`` itself elsewhere."""
+    ZeroGPU Space attaches a GPU only inside such a call, in a forked child: zerogpu.py
+    carries progress, cancel and errors across); ``fn`` itself elsewhere."""
     try:
         import spaces
     except ImportError:
         return fn
-    return spaces.GPU(fn)
+    return across_fork(fn, spaces.GPU)
 
 
 def _run_session(session: Session, plan: SessionPlan, on_plan: Callable[[SessionPlan], None],
@@ -100,6 +103,7 @@ class Job:
     steps: list[StepMark] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
     download: str | None = None              # "file: done/total MiB" while a download runs
+    download_bytes: tuple[int, int] = (0, 0)  # (done, total) of the file downloading now
     outcome: RunOutcome | None = None
     error: str | None = None
     files: list[Path] = field(default_factory=list)
@@ -165,7 +169,9 @@ class Job:
         self._touch()
 
     def on_download(self, name: str, done: int, total: int) -> None:
-        self.download = f"downloading {name}: {done / 2**20:.0f} of {total / 2**20:.0f} MiB" if done < total else None
+        downloading = done < total
+        self.download = f"downloading {name}: {done / 2**20:.1f} of {total / 2**20:.1f} MiB" if downloading else None
+        self.download_bytes = (done, total) if downloading else (0, 0)
         self._touch()
 
     def _close_band(self, now: float) -> None:
@@ -197,7 +203,10 @@ class Job:
         if self.state is JobState.QUEUED:
             return 0.0, "waiting for the GPU"
         if self.state is JobState.LOADING:
-            return 0.0, self.download or ("loading " + self.plan.choice.name)
+            done, total = self.download_bytes
+            if self.download and total:
+                return done / total, self.download
+            return 0.0, "loading " + self.plan.choice.name
         if self.finished:
             return 1.0, self.state.value
         if self.phase == "denoising" and self.total:

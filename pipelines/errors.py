@@ -1,0 +1,5 @@
+"""Exceptions shared by the pipelines' modules (a leaf: it imports nothing of the package)."""
+
+
+class Cancelled(RuntimeError):
+    """The run was cancelled (between steps, or during a download); its memory has been released."""
