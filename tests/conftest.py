@@ -74,9 +74,12 @@ def pytest_collection_modifyitems(config, items):
 def release_managed_models(computation):
     """Each test starts with a manager holding nothing: a test that fails half-way must not
     leave its models (and their caps) behind for the next one. Under the stand-in, nothing
-    it allocated may outlive them."""
-    yield
+    it allocated may outlive them. The ledger's device peaks start from the test's start."""
     import vram
+    manager = vram.get_manager()
+    for device in manager.stats()["devices"]:
+        manager.reset_peak(device)
+    yield
     for record in vram.get_manager().models():
         try:
             vram.release(record.module)

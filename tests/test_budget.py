@@ -240,3 +240,15 @@ def test_three_models_three_threads_under_one_tight_cap(tmp_path):
     assert errors == [] and failures == []
     manager = vram.get_manager()
     assert manager.peak_bytes(key(pairs[0][1])) <= manager.budget(key(pairs[0][1]))
+
+
+def test_a_runs_ledger_peak_is_not_reset_by_another_runs_start():
+    manager = vram.get_manager()
+    first = manager.peak_scope("test-device")
+    manager.charge("test-device", "m", "g", "prepared", 100)
+    manager.refund("test-device", "m", "g", "prepared", 100)
+    second = manager.peak_scope("test-device")   # another run starts: the first keeps its peak
+    manager.charge("test-device", "m", "g", "prepared", 10)
+    assert second.close() == 10
+    assert first.close() == 100  # its own peak, not the 10 the ledger held when the second began
+    manager.refund("test-device", "m", "g", "prepared", 10)

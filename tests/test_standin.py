@@ -37,7 +37,7 @@ def host_buffer(engine, values, pinned=True):
 # -- the engine ------------------------------------------------------------------------------------
 
 def test_a_copy_reads_nan_until_it_lands():
-    engine = standin.StandIn(bandwidth=1e9, latency=0.05)
+    engine = standin.StandIn(bandwidth=1e9, latency=0.5)  # long enough for a loaded machine
     values = [torch.randn(64), torch.randn(8, 8).to(torch.bfloat16)]
     arena, layout = host_buffer(engine, values)
     assert arena.pinned and engine.pinner.is_pinned(arena.buffer[:layout.nbytes])
@@ -427,3 +427,39 @@ def test_refused_pinning_is_counted_and_copies_fall_back_to_synchronous(tmp_path
                   else [None] * record.pool.allocated)
         assert counters.pin_failures - failures == len(arenas) > 0
         assert counters.sync_copies - sync >= 3 * len(record.groups)
+
+
+def test_a_streaming_model_beside_a_capped_one_keeps_to_the_cap(tmp_path, slow_copies):
+    """A cap is the device's: a vram_limit=0 model computing beside a capped one streams within
+    that cap (its copies wait for room, the capped model's kept copies make way), rather than
+    running into the allocator's refusal."""
+    layer = 256 * 256 * 4 + 256 * 4
+    limit = 4.5 * layer / GIB
+    plain_a, capped = managed(tmp_path / "a", cfg(HOST, DEVICE, DEVICE), limit=limit, seed=1)
+    plain_b, streaming = managed(tmp_path / "b", cfg(HOST, DEVICE, DEVICE), limit=0, seed=2)
+    x = torch.randn(2, 256)
+    scope = slow_copies.peaks()
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(capped(x), plain_a(x))
+            assert torch.equal(streaming(x), plain_b(x))
+    assert scope.close()[1] <= slow_copies.cap == int(limit * GIB)
+
+
+def test_a_model_collected_without_release_gives_its_cap_back(tmp_path):
+    """The garbage collector may run anywhere, inside the engine's or the manager's locks: a
+    collected model is only noted there, and the next budget question drops its cap."""
+    import gc
+    engine = standin.engine()
+    layer = 256 * 256 * 4 + 256 * 4
+    limit = 4.5 * layer / GIB
+    _, model = managed(tmp_path, cfg(HOST, DEVICE, DEVICE), limit=limit)
+    with torch.no_grad():
+        model(torch.randn(2, 256))
+    assert engine.cap == int(limit * GIB)
+    del model  # never released: its record goes with it
+    gc.collect()
+    assert not vram.get_manager().models()
+    manager = vram.get_manager()
+    assert manager.budget("standin") is None and engine.cap is None
+    assert manager.resident_bytes("standin") == 0 and engine.live_buffers == 0 and engine.allocated == 0

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 import weakref
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import TYPE_CHECKING, Iterable
 
 import torch
@@ -39,6 +39,18 @@ class VramLimitError(RuntimeError):
 KINDS = ("base", "prepared", "computation", "cache")
 
 
+class LedgerPeak:
+    """One run's peak of the ledger on one device (``Manager.peak_scope``)."""
+
+    def __init__(self, manager: "Manager", key: str, start: int):
+        self.manager, self.key, self.peak = manager, key, start
+
+    def close(self) -> int:
+        with self.manager.lock:
+            self.manager._scopes[self.key].discard(self)
+        return self.peak
+
+
 class Manager:
     """Budgets per device, the ledger, eviction. Use ``get_manager()``."""
 
@@ -49,11 +61,13 @@ class Manager:
         self._ledger: dict[tuple[str, str, str, str], int] = defaultdict(int)
         self._device_bytes: dict[str, int] = defaultdict(int)
         self._device_peak: dict[str, int] = defaultdict(int)
+        self._scopes: dict[str, set[LedgerPeak]] = defaultdict(set)  # open per-run peaks
         self._budgets: dict[str, int] = {}
         self._activation_reserve: dict[str, int] = defaultdict(int)
         # Activations measured per model and job size (elements of its inputs): bytes.
         self._activations: dict[str, dict[int, int]] = defaultdict(dict)
         self._movers: dict[str, "Mover"] = {}  # per device: the mover that speaks for its memory
+        self._forgotten: deque[tuple[str, str]] = deque()  # (device, model) collected unregistered
         self._models: "weakref.WeakValueDictionary[str, ManagedModel]" = weakref.WeakValueDictionary()
         self.clock = 0  # ticks of group use, for least-recently-used eviction
         self.reports: list[RunReport] = []  # the latest 256
@@ -62,6 +76,7 @@ class Manager:
     # -- models ---------------------------------------------------------------------------
     def register(self, model: "ManagedModel") -> str:
         with self.lock:
+            self._settle_forgotten()
             base, name, n = model.name, model.name, 1
             while name in self._models:
                 n += 1
@@ -74,15 +89,28 @@ class Manager:
 
     def unregister(self, model: "ManagedModel") -> None:
         with self.lock:
+            self._settle_forgotten()
             if self._models.get(model.name) is model:
                 del self._models[model.name]
             self._activations.pop(model.name, None)
             self._refresh_budget(model.budget_key)
 
     def _forget(self, key: str, name: str) -> None:
-        """A registered model was collected without being unregistered."""
-        with self.lock:
-            self._activations.pop(name, None)
+        """A registered model was collected without being unregistered. This runs wherever the
+        garbage collector does, possibly inside a lock of this module or of a mover: it only
+        notes the model, and the next registration or budget question settles it."""
+        self._forgotten.append((key, name))
+
+    def _settle_forgotten(self) -> None:
+        """(lock held) Budgets and caps without the models collected since the last call."""
+        while self._forgotten:
+            key, name = self._forgotten.popleft()
+            if name not in self._models:
+                self._activations.pop(name, None)
+                # What it held went with it: its charges leave the ledger.
+                for entry in [e for e in self._ledger if e[1] == name]:
+                    self._device_bytes[entry[0]] -= self._ledger.pop(entry)
+                self.room.notify_all()
             self._refresh_budget(key)
 
     def models(self) -> list["ManagedModel"]:
@@ -104,6 +132,9 @@ class Manager:
     # -- ledger ---------------------------------------------------------------------------
     def budget(self, device: torch.device | str) -> int | None:
         """Bytes the core may hold on ``device`` (None: unbounded)."""
+        if self._forgotten:
+            with self.lock:
+                self._settle_forgotten()
         key = device_name(device)
         cap = self._budgets.get(key)
         if cap is None:
@@ -130,16 +161,30 @@ class Manager:
             return self._device_peak[device_name(device)]
 
     def reset_peak(self, device: torch.device | str) -> None:
+        """Start ``peak_bytes`` again from now (process-wide: runs use ``peak_scope``)."""
         with self.lock:
             self._device_peak[device_name(device)] = self._device_bytes[device_name(device)]
+
+    def peak_scope(self, device: torch.device | str) -> "LedgerPeak":
+        """The ledger's peak on ``device`` from now until ``close()``, for one run: runs that
+        overlap each get theirs, and no one's is reset by another's start."""
+        key = device_name(device)
+        with self.lock:
+            scope = LedgerPeak(self, key, self._device_bytes[key])
+            self._scopes[key].add(scope)
+            return scope
 
     def charge(self, device: torch.device | str, model: str, group: str, kind: str, nbytes: int) -> None:
         key = device_name(device)
         with self.lock:
             self._ledger[(key, model, group, kind)] += nbytes
             self._device_bytes[key] += nbytes
-            if self._device_bytes[key] > self._device_peak[key]:
-                self._device_peak[key] = self._device_bytes[key]
+            now = self._device_bytes[key]
+            if now > self._device_peak[key]:
+                self._device_peak[key] = now
+            for scope in self._scopes.get(key, ()):
+                if now > scope.peak:
+                    scope.peak = now
 
     def refund(self, device: torch.device | str, model: str, group: str, kind: str, nbytes: int) -> None:
         key = device_name(device)
@@ -183,9 +228,9 @@ class Manager:
         Evicts idle copies, then drops prefetches nobody uses yet; while another forward on
         the device holds what is missing, waits for it to release (up to a minute).
         """
-        if requester.config.vram_limit == 0:
-            return
         device = requester.budget_key
+        if device not in self._budgets:
+            return  # no model on the device has a cap (vram_limit=0 or None everywhere)
         deadline = time.monotonic() + 60.0
         while True:
             if self.make_room(device, nbytes, requester):

@@ -194,11 +194,11 @@ class ManagedModel:
                 return None
         self.schedule.start()
         manager = get_manager()
-        manager.reset_peak(self.budget_key)
         manager.expect_job(self, job_size(args, kwargs))
         memory = self.mover.memory()
         self._run_marks = {"t0": time.perf_counter(), "ledger0": manager.resident_bytes(self.budget_key),
-                           "alloc0": memory.allocated if memory else None, "peaks": self.mover.peaks()}
+                           "alloc0": memory.allocated if memory else None, "peaks": self.mover.peaks(),
+                           "ledger": manager.peak_scope(self.budget_key)}
         return None
 
     def _run_end(self, module, args, kwargs, output):
@@ -211,7 +211,7 @@ class ManagedModel:
         self.schedule.finish()
         manager = get_manager()
         marks = self._run_marks
-        ledger_peak = manager.peak_bytes(self.budget_key)
+        ledger_peak = marks["ledger"].close()
         peak_reserved = activations = None
         peaks = marks["peaks"].close()
         if peaks is not None and marks["alloc0"] is not None:

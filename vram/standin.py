@@ -34,6 +34,7 @@ import bisect
 import contextlib
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -130,9 +131,10 @@ class _Job:
 
 @dataclass(eq=False)
 class _Allocation:
-    tensors: list[torch.Tensor]  # the buffer, then any cast outputs
+    tensors: list[torch.Tensor]  # the buffer, then any cast outputs (emptied once retired)
     nbytes: int
     event: StandInEvent
+    key: int = 0                 # the buffer's data_ptr
 
 
 class _Peaks(PeakScope):
@@ -175,6 +177,9 @@ class StandIn(Mover):
         self.busy_s = 0.0          # simulated time the copy stream spent copying
         self.empty_cache_calls = 0
         self._live: dict[int, _Allocation] = {}  # buffer data_ptr -> its allocation
+        # Landings collected without ``retire`` (a model dropped without release): noted by
+        # the garbage collector, which may run inside this engine's lock, and freed later.
+        self._collected: deque[_Allocation] = deque()
         self._scopes: set[_Peaks] = set()
         self._lock = threading.Lock()
         self._queue: deque[_Job] = deque()
@@ -185,9 +190,21 @@ class StandIn(Mover):
         self._thread: threading.Thread | None = None
 
     # -- the allocator -------------------------------------------------------------------------
+    def _settle_collected(self) -> None:
+        """(lock held) Free what landings collected without ``retire`` held."""
+        while self._collected:
+            allocation = self._collected.popleft()
+            if self._live.get(allocation.key) is allocation:
+                del self._live[allocation.key]
+                self.allocated -= allocation.nbytes
+
+    def _landing_collected(self, allocation: _Allocation) -> None:
+        self._collected.append(allocation)
+
     def _allocate(self, numel: int, dtype: torch.dtype, shape=None) -> torch.Tensor:
         nbytes = numel * dtype.itemsize
         with self._lock:
+            self._settle_collected()
             if self.cap is not None and self.allocated + nbytes > self.cap:
                 raise torch.OutOfMemoryError(
                     f"stand-in accelerator: tried to allocate {nbytes} bytes with {self.allocated} of "
@@ -211,6 +228,7 @@ class StandIn(Mover):
 
     def memory(self):
         with self._lock:
+            self._settle_collected()
             return DeviceMemory(self.allocated, self.allocated, 0)  # nothing cached, nothing fragmented
 
     def set_cap(self, nbytes):
@@ -297,12 +315,15 @@ class StandIn(Mover):
                 self._free(tensor.numel() * tensor.element_size())
             raise
         event = StandInEvent()
+        allocation = _Allocation(owned, sum(t.numel() * t.element_size() for t in owned), event, buffer.data_ptr())
         with self._lock:
-            self._live[buffer.data_ptr()] = _Allocation(owned, sum(t.numel() * t.element_size() for t in owned), event)
+            self._live[buffer.data_ptr()] = allocation
         self._enqueue(_Job(event, nbytes, host, buffer, casts))
         if not pinned:
             event.synchronize()  # pageable memory: the host waits for the copy, as CUDA's does
-        return Landing(buffer, tensors, event, synchronous=not pinned)
+        landing = Landing(buffer, tensors, event, synchronous=not pinned)
+        weakref.finalize(landing, self._landing_collected, allocation)
+        return landing
 
     def wait(self, event) -> None:
         if event is not None:
@@ -318,11 +339,12 @@ class StandIn(Mover):
                 allocation = self._live.pop(buffer.data_ptr(), None)
             if allocation is not None:
                 self._free(allocation.nbytes)
+                tensors, allocation.tensors = allocation.tensors, []
                 if allocation.event.query():
-                    for tensor in allocation.tensors:
+                    for tensor in tensors:
                         _poison(tensor)
                 else:  # still being copied into: poisoned once the copy stream has passed it
-                    self._enqueue(_Job(StandInEvent(), poison=allocation.tensors))
+                    self._enqueue(_Job(StandInEvent(), poison=tensors))
         super().retire(landing)
 
     def host_done(self, event) -> None:
@@ -339,6 +361,7 @@ class StandIn(Mover):
     @property
     def live_buffers(self) -> int:
         with self._lock:
+            self._settle_collected()
             return len(self._live)
 
 
