@@ -229,8 +229,16 @@ def test_gpu_work_runs_under_spaces_gpu_when_the_package_is_there(monkeypatch):
     fake = types.ModuleType("spaces")
     fake.GPU = lambda fn: (lambda *args, **kwargs: calls.append(args) or fn(*args, **kwargs))
     monkeypatch.setitem(sys.modules, "spaces", fake)
-    wrapped = gpu_task(lambda x: x * 2)
-    assert wrapped(21) == 42 and calls == [(21,)]
+
+    def work(session, plan, on_plan, *, cancel=None, on_event=None):
+        on_plan(plan + 1)
+        on_event("step")
+        return session * 2, cancel.is_set()
+    seen = []
+    wrapped = gpu_task(work)
+    # Through spaces.GPU, the callbacks and the cancel event cross the bridge (ui/zerogpu.py).
+    assert wrapped(21, 1, seen.append, cancel=threading.Event(), on_event=seen.append) == (42, False)
+    assert len(calls) == 1 and calls[0][:2] == (21, 1) and seen == [2, "step"]
     monkeypatch.setitem(sys.modules, "spaces", None)          # not installed: the function itself
     plain = lambda x: x  # noqa: E731
     assert gpu_task(plain) is plain
