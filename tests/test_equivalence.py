@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import vram
+from vram.casting import fp8_scale
 from models import CASES, cfg, save_weights
 
 pytestmark = pytest.mark.standin  # each test runs on the CPU and on the stand-in accelerator
@@ -122,22 +123,26 @@ def test_bf16_matches_a_bf16_model(case_and_files):
     vram.disable_vram_management(model)
 
 
-# Stated tolerance: relative L2 error of the output against the fp32 model. e4m3 keeps 3
-# mantissa bits, e5m2 two. The tiny random VAE runs encode and decode back to back through
-# fp8 weights with 8 channels, which amplifies the error; real VAEs usually stay in bf16.
-FP8_TOLERANCE = {torch.float8_e4m3fn: 0.10, torch.float8_e5m2: 0.15}
-FP8_TOLERANCE_VAE = {torch.float8_e4m3fn: 0.25, torch.float8_e5m2: 0.35}
+# Stated tolerance: relative L2 error of the output against the fp32 model, with fp8 scaled
+# per tensor (vram/casting.py). e4m3 keeps 3 mantissa bits, e5m2 two. Measured here: e4m3
+# 0.014-0.063, e5m2 0.036-0.104 (the VAE 0.178 and 0.259: it runs encode and decode back to
+# back through fp8 weights with 8 channels, which amplifies the error; real VAEs usually stay
+# in bf16). Before scaling the bounds were 0.10/0.15 and 0.25/0.35.
+FP8_TOLERANCE = {torch.float8_e4m3fn: 0.07, torch.float8_e5m2: 0.12}
+FP8_TOLERANCE_VAE = {torch.float8_e4m3fn: 0.20, torch.float8_e5m2: 0.30}
 
 
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_fp8_storage(case_and_files, fp8):
-    """fp8 storage + fp32 compute equals a plain model whose weights went through fp8 (layers
-    the model asks to keep out of fp8 excepted), and stays within FP8_TOLERANCE of fp32."""
+    """fp8 storage + fp32 compute equals a plain model whose weights went through fp8, scaled
+    by the core's rule (layers the model asks to keep out of fp8 excepted), and stays within
+    FP8_TOLERANCE of fp32."""
     case, plain, folder = case_and_files
     rounded = copy.deepcopy(plain)
     for key, param in rounded.named_parameters():
         if not skips_casting(plain, key):
-            param.data = param.data.to(fp8).to(FP32)
+            scale = fp8_scale(param.data, fp8)
+            param.data = (param.data / scale).to(fp8).to(FP32) * scale
     inputs = case.inputs(FP32)
     expected = run(case, rounded, inputs)
     exact = run(case, plain, inputs)

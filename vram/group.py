@@ -30,13 +30,14 @@ import enum
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from .arena import Arena, Layout
 from .budget import get_manager
+from .casting import FP8_MAX, cast, copy_cast, fp8_scale
 from .config import Placement, VramConfig, is_host
 from .mover import Landing, cast_views, submit
 from .weights import TensorInfo, plan_runs
@@ -64,7 +65,11 @@ class Prep(enum.Enum):
 
 @dataclass(eq=False)
 class Entry:
-    """One unique parameter (tied parameters share one)."""
+    """One unique parameter (tied parameters share one).
+
+    ``scales`` holds the scale of its value in each fp8 dtype it is stored in (see
+    vram/casting.py): read from a scaled file, 1.0 for a plain fp8 file, otherwise computed
+    the first time its value passes through the host (``ensure_scales``)."""
 
     keys: list[str]
     shape: tuple[int, ...]
@@ -72,6 +77,11 @@ class Entry:
     info: TensorInfo | None
     placeholder: torch.nn.Parameter
     resident: torch.nn.Parameter | None = None  # the base as a Parameter while static
+    scales: dict[torch.dtype, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        placements = (self.config.offload, self.config.onload, self.config.preparing, self.config.computation)
+        self.fp8 = tuple(dict.fromkeys(p.dtype for p in placements if not p.is_disk and p.dtype in FP8_MAX))
 
     @property
     def numel(self) -> int:
@@ -79,6 +89,27 @@ class Entry:
         for d in self.shape:
             n *= d
         return n
+
+    @property
+    def scaled(self) -> bool:
+        return all(d in self.scales for d in self.fp8)
+
+    def scale(self, dtype: torch.dtype) -> float:
+        """The scale of the value stored as ``dtype`` (1.0 outside fp8)."""
+        return self.scales[dtype] if dtype in FP8_MAX else 1.0
+
+    def factor(self, source: torch.dtype, target: torch.dtype) -> float:
+        """What a cast from ``source`` storage to ``target`` multiplies by."""
+        if source == target:
+            return 1.0
+        return self.scale(source) / self.scale(target)
+
+    def ensure_scales(self, values: torch.Tensor) -> None:
+        """Know the scale of every fp8 dtype the config stores this entry in, from its value
+        (``values``, stored as its dtype)."""
+        for dtype in self.fp8:
+            if dtype not in self.scales:
+                self.scales[dtype] = fp8_scale(values, dtype, self.scale(values.dtype))
 
 
 @dataclass(eq=False)
@@ -125,6 +156,7 @@ class Group:
         # Tensors whose preparing dtype is not their computation dtype (fp8 storage): cast at
         # each entry, dropped at exit.
         self._casts_compute = [i for i, (p, c) in enumerate(zip(self.preparing, self.computing)) if p != c]
+        self._scaled = all(e.scaled for e in entries)
         self.host_copies: dict[tuple, HostCopy] = {}
         self.base: HostCopy | Landing | None = None
         self.base_charge: tuple[str, int] | None = None  # (ledger device, bytes) of a device base
@@ -177,6 +209,21 @@ class Group:
         """The group's tensors laid out in ``dtypes`` (one per entry)."""
         return Layout(list(zip(dtypes, (e.shape for e in self.entries))))
 
+    def ensure_scales(self, values: list[torch.Tensor]) -> None:
+        """Every entry's fp8 scales known, from its value in ``values`` (host tensors, one
+        per entry, in their stored dtypes): the first time the values pass through here."""
+        if self._scaled:
+            return
+        for entry, value in zip(self.entries, values):
+            entry.ensure_scales(value)
+        self._scaled = True
+
+    def factors(self, sources: tuple, targets: tuple) -> tuple[float, ...] | None:
+        """Per entry, what a cast from ``sources`` to ``targets`` multiplies by (None: 1.0
+        for every entry, a plain cast)."""
+        out = tuple(e.factor(s, t) for e, s, t in zip(self.entries, sources, targets))
+        return None if all(f == 1.0 for f in out) else out
+
     # -- the plan for a model state ---------------------------------------------------------
     def plan(self) -> None:
         """Derive how staging works from the current base (call after the base changed)."""
@@ -225,10 +272,12 @@ class Group:
                 return self._cast_pooled(self.base_tensors())
             # On the device, maybe on the reader thread: its stream may not be the consumer's.
             mover = self.model.mover
-            return Landing(None, cast_views(self.base_tensors(), self.preparing), mover.record())
+            factors = self.factors(self.base_dtypes(), self.preparing)
+            return Landing(None, cast_views(self.base_tensors(), self.preparing, factors), mover.record())
         if prep is Prep.COPY:
             base = self.base
-            return self._to_device(base.arena.buffer[:base.layout.nbytes], base.layout, self.preparing)
+            return self._to_device(base.arena.buffer[:base.layout.nbytes], base.layout, self.preparing,
+                                   self.factors(base.dtypes, self.preparing))
         model = self.model
         cache = model.cache
         arena = cache.get(self) if cache is not None else None
@@ -243,8 +292,11 @@ class Group:
                 self.read_into(arena)
         layout = self.file_layout
         files = self.file_dtypes
+        views = layout.views(arena.buffer)
+        self.ensure_scales(views)
         if not is_host(self.device):
-            landing = self._to_device(arena.buffer[:layout.nbytes], layout, self.preparing)
+            landing = self._to_device(arena.buffer[:layout.nbytes], layout, self.preparing,
+                                      self.factors(files, self.preparing))
             if pooled:
                 model.pool.release(arena, after=landing.event)
             else:
@@ -252,7 +304,6 @@ class Group:
                 # background thread waits for the copy out of it first.
                 model.mover.host_done(landing.event)
             return landing
-        views = layout.views(arena.buffer)
         if files == self.preparing:
             return Landing(None, views, host=(model.pool, arena) if pooled else None)
         landing = self._cast_pooled(views)
@@ -266,14 +317,15 @@ class Group:
         pool = self.model.prep_pool
         arena = pool.acquire()
         out = self.prep_layout.views(arena.buffer)
-        for target, source in zip(out, tensors):
-            target.copy_(source)
+        for entry, target, source in zip(self.entries, out, tensors):
+            copy_cast(target, source, entry.factor(source.dtype, target.dtype))
         return Landing(None, out, host=(pool, arena))
 
-    def _to_device(self, host: torch.Tensor, layout: Layout, targets: tuple) -> Landing:
+    def _to_device(self, host: torch.Tensor, layout: Layout, targets: tuple,
+                   factors: tuple[float, ...] | None = None) -> Landing:
         """One copy of ``host`` (laid out as ``layout``) to the device, cast there to
-        ``targets`` where the dtypes differ."""
-        landing = self.model.mover.to_device(host, layout, targets)
+        ``targets`` where the dtypes differ (times ``factors``, see ``factors()``)."""
+        landing = self.model.mover.to_device(host, layout, targets, factors)
         counters = self.manager.counters
         counters.bytes_to_device += layout.nbytes
         if landing.synchronous:
@@ -395,9 +447,9 @@ class Group:
                     mover.wait(event)
                 if self._casts_compute:
                     tensors = list(tensors)
-                    computing = self.computing
+                    computing, preparing, entries = self.computing, self.preparing, self.entries
                     for i in self._casts_compute:
-                        tensors[i] = tensors[i].to(computing[i])
+                        tensors[i] = cast(tensors[i], computing[i], entries[i].factor(preparing[i], computing[i]))
                     event = mover.record()
                 self.ready_event = event
                 for params, name, index in self.installs:
@@ -530,18 +582,21 @@ class Group:
         views = layout.views(arena.buffer)
         source = next(iter(self.host_copies.values()), None)
         if source is not None:
-            for view, tensor in zip(views, source.views):
-                view.copy_(tensor)
+            values = source.views
         elif params is not None:
-            for view, tensor in zip(views, params):
-                view.copy_(tensor.detach())
+            values = [p.detach() for p in params]
         elif dtypes == self.file_dtypes:
             self.read_into(arena, layout)  # straight into the arena: no intermediate buffer
+            values = None
+            self.ensure_scales(views)
         else:
             temporary = scratch()
             self.read_into(temporary)
-            for view, tensor in zip(views, self.file_layout.views(temporary.buffer)):
-                view.copy_(tensor)
+            values = self.file_layout.views(temporary.buffer)
+        if values is not None:
+            self.ensure_scales(values)
+            for entry, view, tensor in zip(self.entries, views, values):
+                copy_cast(view, tensor, entry.factor(tensor.dtype, view.dtype))
         copy = HostCopy(arena, layout, views, dtypes)
         self.host_copies[dtypes] = copy
         self.manager.charge("host", model.name, self.name, "base", arena.size)
@@ -564,18 +619,24 @@ class Group:
         model = self.model
         source = self.host_copies.get(dtypes) or next(iter(self.host_copies.values()), None)
         if source is not None:
-            return self._to_device(source.arena.buffer[:source.layout.nbytes], source.layout, dtypes)
+            self.ensure_scales(source.views)
+            return self._to_device(source.arena.buffer[:source.layout.nbytes], source.layout, dtypes,
+                                   self.factors(source.dtypes, dtypes))
         if params is not None:
+            values = [p.detach() for p in params]
+            self.ensure_scales(values)
             layout = self.layout_for(dtypes)
             temporary = Arena(layout.nbytes)
-            for view, tensor in zip(layout.views(temporary.buffer), params):
-                view.copy_(tensor.detach())
+            for entry, view, tensor in zip(self.entries, layout.views(temporary.buffer), values):
+                copy_cast(view, tensor, entry.factor(tensor.dtype, view.dtype))
             landing = self._to_device(temporary.buffer[:layout.nbytes], layout, dtypes)
             model.mover.host_done(landing.event)
             return landing
         arena = model.pool.acquire()
         self.read_into(arena)
-        landing = self._to_device(arena.buffer[:self.file_layout.nbytes], self.file_layout, dtypes)
+        self.ensure_scales(self.file_layout.views(arena.buffer))
+        landing = self._to_device(arena.buffer[:self.file_layout.nbytes], self.file_layout, dtypes,
+                                  self.factors(self.file_dtypes, dtypes))
         model.pool.release(arena, after=landing.event)
         return landing
 

@@ -24,7 +24,7 @@ import torch
 from .arena import Arena, ArenaPool
 from .budget import RunReport, get_manager
 from .cache import RamCache
-from .casting import tensor_config
+from .casting import FP8_MAX, cast, fp8_plain, tensor_config
 from .config import GIB, VramConfig, device_name, is_host
 from .group import Entry, Group, HostCopy, dtypes_at, make_placeholder
 from .grouping import GroupPlan, plan_groups, split
@@ -268,11 +268,15 @@ class ManagedModel:
         raise KeyError(module_name)
 
     def host_tensor(self, group: Group, index: int) -> torch.Tensor:
-        """A parameter's stored value, for state_dict(): its base, or read from disk."""
+        """A parameter's stored value, for state_dict(): its base, or read from disk; a
+        scaled fp8 value in the computation dtype (its fp8 bits alone would be wrong)."""
         tensors = group.base_tensors()
-        if tensors is not None:
-            return tensors[index]
-        return self.source.read_info(group.entries[index].info)
+        entry = group.entries[index]
+        value = tensors[index] if tensors is not None else self.source.read_info(entry.info)
+        if entry.scale(value.dtype) != 1.0:
+            computation = entry.config.computation.dtype
+            return cast(value, computation, entry.factor(value.dtype, computation))
+        return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +345,7 @@ def _entries(model: torch.nn.Module, config: VramConfig, source: WeightSource | 
         names.setdefault(id(param), []).append(key)
     entries: dict[int, Entry] = {}
     problems: list[str] = []
+    plain = fp8_plain()
     for module_name, module in model.named_modules():
         for param in module._parameters.values():
             if param is None or id(param) in entries:
@@ -364,8 +369,14 @@ def _entries(model: torch.nn.Module, config: VramConfig, source: WeightSource | 
                 problems.append(f"parameter {keys[0]!r} has non-float dtype {param.dtype}; not supported")
                 continue
             entry_config = tensor_config(model, module, config, module_name, keys[0], keep_fp32)
-            entries[id(param)] = Entry(keys, tuple(param.shape), entry_config, info,
-                                       make_placeholder(param.shape, entry_config.computation))
+            entry = Entry(keys, tuple(param.shape), entry_config, info,
+                          make_placeholder(param.shape, entry_config.computation))
+            if plain:
+                entry.scales.update(dict.fromkeys(entry.fp8, 1.0))
+            if info is not None and info.dtype in FP8_MAX:
+                # A scaled file's scale, or 1.0: a plain fp8 file is its values as they are.
+                entry.scales[info.dtype] = source.scales().get(found, 1.0)
+            entries[id(param)] = entry
     if problems:
         where = f" in {source.describe()}" if source is not None else ""
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
@@ -609,7 +620,9 @@ def disable_vram_management(model: torch.nn.Module) -> torch.nn.Module:
         values = []
         for index, entry in enumerate(group.entries):
             value = tensors[index] if tensors is not None else record.source.read_info(entry.info)
-            value = value.to(device=entry.config.computation.device, dtype=entry.config.computation.dtype, copy=True)
+            computation = entry.config.computation
+            value = cast(value.to(device=computation.device, copy=True), computation.dtype,
+                         entry.factor(value.dtype, computation.dtype))
             values.append(torch.nn.Parameter(value, requires_grad=False))
         group.install(values)
         for module_name in group.modules:

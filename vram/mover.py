@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 
 from .arena import CUDA, Layout, Pinner
+from .casting import cast
 
 
 @dataclass
@@ -62,9 +63,13 @@ class PeakScope:
         return None
 
 
-def cast_views(views: list[torch.Tensor], targets: tuple) -> list[torch.Tensor]:
-    """``views`` with each tensor whose dtype is not its target replaced by a cast."""
-    return [v if v.dtype == d else v.to(d) for v, d in zip(views, targets)]
+def cast_views(views: list[torch.Tensor], targets: tuple, factors: tuple[float, ...] | None = None
+               ) -> list[torch.Tensor]:
+    """``views`` with each tensor whose dtype is not its target replaced by a cast (times its
+    factor, when given: fp8 scales, see vram/casting.py)."""
+    if factors is None:
+        return [v if v.dtype == d else v.to(d) for v, d in zip(views, targets)]
+    return [cast(v, d, f) for v, d, f in zip(views, targets, factors)]
 
 
 class Mover:
@@ -77,7 +82,10 @@ class Mover:
     def __init__(self, device: torch.device):
         self.device = device
 
-    def to_device(self, host: torch.Tensor, layout: Layout, targets: tuple) -> Landing:
+    def to_device(self, host: torch.Tensor, layout: Layout, targets: tuple,
+                  factors: tuple[float, ...] | None = None) -> Landing:
+        """``host`` (laid out as ``layout``) copied into one new device buffer, each tensor
+        cast there to its dtype in ``targets`` (times its entry in ``factors``)."""
         raise NotImplementedError
 
     def wait(self, event) -> None:
@@ -121,9 +129,9 @@ class SyncMover(Mover):
         super().__init__(device)
         self.separate = device.type != "cpu"
 
-    def to_device(self, host, layout, targets):
+    def to_device(self, host, layout, targets, factors=None):
         buffer = host.to(self.device)
-        return Landing(buffer, cast_views(layout.views(buffer), targets), None, synchronous=self.separate)
+        return Landing(buffer, cast_views(layout.views(buffer), targets, factors), None, synchronous=self.separate)
 
 
 FRAGMENTATION_TTL_S = 0.005  # how stale CudaMover.memory()'s fragmentation figure may be
@@ -168,12 +176,12 @@ class CudaMover(Mover):
         self._fragmented = 0
         self._fragmented_at = float("-inf")
 
-    def to_device(self, host, layout, targets):
+    def to_device(self, host, layout, targets, factors=None):
         pinned = self.pinner.is_pinned(host)
         with torch.cuda.stream(self.stream):
             buffer = torch.empty(host.numel(), dtype=torch.uint8, device=self.device)
             buffer.copy_(host, non_blocking=pinned)
-            tensors = cast_views(layout.views(buffer), targets)
+            tensors = cast_views(layout.views(buffer), targets, factors)
             event = torch.cuda.Event()
             event.record(self.stream)
         return Landing(buffer, tensors, event, synchronous=not pinned)

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .arena import Layout, Pinner
+from .casting import copy_cast
 from .config import STANDIN
 from .mover import DeviceMemory, Landing, Mover, PeakScope
 
@@ -124,7 +125,7 @@ class _Job:
     nbytes: int = 0
     source: torch.Tensor | None = None
     target: torch.Tensor | None = None
-    casts: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (out, view)
+    casts: list[tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=list)  # (out, view, factor)
     poison: list[torch.Tensor] = field(default_factory=list)
     issued: float = 0.0
 
@@ -284,8 +285,8 @@ class StandIn(Mover):
         started = time.perf_counter()
         if job.source is not None:
             job.target.copy_(job.source)
-        for out, view in job.casts:
-            out.copy_(view)
+        for out, view, factor in job.casts:
+            copy_cast(out, view, factor)
         landed = time.perf_counter()
         if job.nbytes:
             rate = (landed - started) / job.nbytes
@@ -296,7 +297,7 @@ class StandIn(Mover):
         self.busy_s += self._clock - begin
         job.event._done.set()
 
-    def to_device(self, host, layout: Layout, targets):
+    def to_device(self, host, layout: Layout, targets, factors=None):
         pinned = self.pinner.is_pinned(host)
         nbytes = host.numel()
         buffer = self._allocate(nbytes, torch.uint8)
@@ -307,7 +308,7 @@ class StandIn(Mover):
             for index, (view, dtype) in enumerate(zip(tensors, targets)):
                 if view.dtype != dtype:
                     out = self._allocate(view.numel(), dtype, view.shape)
-                    casts.append((out, view))
+                    casts.append((out, view, 1.0 if factors is None else factors[index]))
                     owned.append(out)
                     tensors[index] = out
         except BaseException:

@@ -19,6 +19,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from .casting import SCALE_SUFFIX
+
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
@@ -167,16 +169,33 @@ class WeightSource:
     ``weights`` may be a file, a list of files, or a folder; a folder with a
     ``*.safetensors.index.json`` uses the files the index names, otherwise every
     ``*.safetensors`` file in it. Keys must match the model's state_dict.
+
+    A scaled fp8 checkpoint (``python -m pipelines.convert``) stores beside each fp8 tensor
+    ``key`` a float32 scalar ``key + ".fp8_scale"``: those are not the model's tensors, and
+    ``scales()`` gives them as numbers.
     """
 
     def __init__(self, weights: str | os.PathLike | Sequence[str | os.PathLike]):
         self.files = [SafetensorsFile(p) for p in _resolve(weights)]
         self.tensors: dict[str, TensorInfo] = {}
+        self.scale_infos: dict[str, TensorInfo] = {}  # weight key -> its scale's tensor
         for file in self.files:
             for key, info in file.tensors.items():
-                if key in self.tensors:
-                    raise ValueError(f"key {key!r} is in both {self.tensors[key].file.path} and {file.path}")
-                self.tensors[key] = info
+                scale = key.endswith(SCALE_SUFFIX)
+                name = key[:-len(SCALE_SUFFIX)] if scale else key
+                table = self.scale_infos if scale else self.tensors
+                if name in table:
+                    raise ValueError(f"key {key!r} is in both {table[name].file.path} and {file.path}")
+                if scale and (info.shape not in ((), (1,)) or info.dtype != torch.float32):
+                    raise ValueError(f"{file.path}: {key!r} should be a float32 scalar, is {info.dtype} "
+                                     f"of shape {info.shape}")
+                table[name] = info
+        for name, info in self.scale_infos.items():
+            weight = self.tensors.get(name)
+            if weight is None or weight.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+                raise ValueError(f"{info.file.path}: {info.key!r} scales "
+                                 + ("no tensor" if weight is None else f"a {weight.dtype} tensor, not an fp8 one"))
+        self._scales: dict[str, float] | None = None
         self.bytes_read = 0
         self.preadv_calls = 0
         self._lock = threading.Lock()
@@ -227,6 +246,17 @@ class WeightSource:
             self.preadv_calls += calls
         return calls
 
+    def scales(self) -> dict[str, float]:
+        """Each scaled fp8 tensor's scale, by the model's key (read once, one ``preadv`` per
+        run of adjacent scales: a converted file keeps them together)."""
+        if self._scales is None:
+            keys = list(self.scale_infos)
+            buffers = [torch.empty(self.scale_infos[k].nbytes, dtype=torch.uint8) for k in keys]
+            if keys:
+                self.read_into([(self.scale_infos[k], b) for k, b in zip(keys, buffers)])
+            self._scales = {k: float(b.view(torch.float32)[0]) for k, b in zip(keys, buffers)}
+        return self._scales
+
     def rename_keys(self, rename: Callable[[str], str]) -> None:
         """Address tensors by the model's names: ``rename(file_key)`` gives the key the model
         uses (checkpoints saved by an older library version name some modules differently).
@@ -238,6 +268,8 @@ class WeightSource:
                 raise ValueError(f"{renamed[new_key].key!r} and {key!r} in {self.describe()} both map to {new_key!r}")
             renamed[new_key] = info
         self.tensors = renamed
+        self.scale_infos = {rename(key): info for key, info in self.scale_infos.items()}
+        self._scales = None
 
     @property
     def total_bytes(self) -> int:
