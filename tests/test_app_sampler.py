@@ -26,6 +26,9 @@ class FakeNVML(types.SimpleNamespace):
     def nvmlShutdown(self):
         self.shut = True
 
+    def nvmlDeviceGetCount(self):
+        return 1
+
     def nvmlDeviceGetHandleByIndex(self, index):
         if index != 0:
             raise RuntimeError("NVMLError_InvalidArgument")

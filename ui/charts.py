@@ -6,6 +6,11 @@ process's RSS and the system's used RAM). Under the curves, bands mark the phase
 text encoding, denoising with a tick per step, VAE decoding); dashed lines mark the
 ``vram_limit`` and the planner's predicted peaks. Times are seconds since the job got the
 GPU; sizes are GiB.
+
+With several GPUs read, the GPU panel draws one line per GPU, of the figure its cap bounds
+(this process's memory on it: NVML's share where the driver reports it, else torch's
+reserved bytes; the GPU's used memory where neither is read), the other figures in its
+tooltip, and each GPU's ``vram_limit`` (one label for the GPUs that share a cap).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import altair as alt
 import pandas as pd
@@ -38,6 +43,11 @@ PHASE_COLORS = {"loading": "#bdbdbd", "text_encoding": "#6baed6", "denoising": "
                 "vae_decoding": "#9e9ac8"}
 LINE_COLORS = {"vram_limit": "#d62728", "predicted peak": "#ff7f0e"}
 FIELDS = tuple(RAM_SERIES) + tuple(GPU_SERIES)
+# Several GPUs: the figure a GPU's line shows, the first of these it has readings of.
+GPU_LINE_FIGURES = {"process_device_bytes": "this process (NVML)", "torch_reserved_bytes": "torch reserved",
+                    "device_used_bytes": "used (NVML, all processes)"}
+GPU_TOOLTIP = {name: name.replace("_bytes", "_gib") for name in GPU_SERIES}   # its tooltip's columns
+GPU_COLORS = ("#2ca02c", "#9467bd", "#1f77b4", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 
 
 @dataclass
@@ -46,7 +56,7 @@ class Marks:
 
     bands: Sequence[Band] = ()
     steps: Sequence[StepMark] = ()
-    vram_limit_bytes: int | None = None
+    vram_limit_bytes: int | Mapping[int, int] | None = None   # one cap for every GPU, or by CUDA index
     predicted_vram_bytes: int | None = None
     predicted_ram_bytes: int | None = None
     start: float = -PRE_ROLL_S             # the x axis, seconds on the job's clock
@@ -56,24 +66,37 @@ class Marks:
 
 
 def has_gpu_readings(samples: Iterable[MemorySample]) -> bool:
-    return any(getattr(s, name) is not None for s in samples for name in GPU_SERIES)
+    return any(getattr(reading, name) is not None for s in samples for reading in (s, *s.gpus)
+               for name in GPU_SERIES)
+
+
+def gpu_indices(samples: Iterable[MemorySample]) -> list[int]:
+    """The CUDA indices of the GPUs the samples have readings of."""
+    return sorted({gpu.cuda_index for s in samples for gpu in s.gpus})
 
 
 def _downsample(samples: Sequence[MemorySample], max_points: int) -> list[dict]:
     """Rows of ``time`` and every field; buckets of consecutive readings keep each field's
     maximum, so a short peak survives."""
-    if len(samples) <= max_points:
-        return [{"time": s.time, **{name: getattr(s, name) for name in FIELDS}} for s in samples]
-    size = math.ceil(len(samples) / max_points)
-    rows = []
-    for start in range(0, len(samples), size):
-        chunk = samples[start:start + size]
-        row = {"time": chunk[-1].time}
-        for name in FIELDS:
-            values = [getattr(s, name) for s in chunk if getattr(s, name) is not None]
-            row[name] = max(values) if values else None
-        rows.append(row)
-    return rows
+    return _bucket_max([{"time": s.time, **{name: getattr(s, name) for name in FIELDS}} for s in samples],
+                       max_points)
+
+
+def _bucket_max(rows: list[dict], max_points: int) -> list[dict]:
+    """At most ``max_points`` of ``rows`` (a ``time`` and figures, None where not read): each
+    bucket of consecutive rows keeps its last time and each figure's maximum."""
+    if len(rows) <= max_points:
+        return rows
+    size = math.ceil(len(rows) / max_points)
+    buckets = []
+    for start in range(0, len(rows), size):
+        chunk = rows[start:start + size]
+        bucket = {"time": chunk[-1]["time"]}
+        for name in chunk[0].keys() - {"time"}:
+            values = [row[name] for row in chunk if row[name] is not None]
+            bucket[name] = max(values) if values else None
+        buckets.append(bucket)
+    return buckets
 
 
 def _curves(samples: Sequence[MemorySample], origin: float, series: dict[str, str]) -> pd.DataFrame:
@@ -117,11 +140,45 @@ def _band_layers(marks: Marks, end: float) -> list[alt.Chart]:
     return layers
 
 
-def _line_layers(lines: list[tuple[str, int]]) -> list[alt.Chart]:
+def _gpu_curves(samples: Sequence[MemorySample], origin: float, indices: Sequence[int]) -> pd.DataFrame:
+    """One curve per GPU (see GPU_LINE_FIGURES), its other figures as tooltip columns (GiB)."""
+    rows = []
+    for index in indices:
+        readings = _bucket_max([{"time": s.time, **{name: getattr(gpu, name) for name in GPU_SERIES}}
+                                for s in samples if (gpu := s.gpu(index)) is not None], MAX_POINTS)
+        figure = next((name for name in GPU_LINE_FIGURES if any(r[name] is not None for r in readings)), None)
+        if figure is None:
+            continue
+        label = f"GPU {index}, {GPU_LINE_FIGURES[figure]}"
+        for r in readings:
+            if r[figure] is not None:
+                rows.append({"seconds": round(r["time"] - origin, 3), "GiB": round(r[figure] / GIB, 4),
+                             "series": label, **{column: None if r[name] is None else round(r[name] / GIB, 4)
+                                                 for name, column in GPU_TOOLTIP.items()}})
+    return pd.DataFrame(rows, columns=["seconds", "GiB", "series", *GPU_TOOLTIP.values()])
+
+
+def _gpu_lines(marks: Marks, indices: Sequence[int]) -> list[tuple[str, int, str]]:
+    """The dashed lines of the several-GPU panel: each GPU's cap (one line for the GPUs that
+    share a value, labelled with them), and the predicted peak."""
+    caps = marks.vram_limit_bytes
+    by_gpu = {index: caps.get(index) if isinstance(caps, Mapping) else caps for index in indices}
+    shared: dict[int, list[int]] = {}
+    for index, value in by_gpu.items():
+        if value:
+            shared.setdefault(value, []).append(index)
+    lines = [("vram_limit", value, f" (GPU {', '.join(map(str, gpus))})") for value, gpus in shared.items()]
+    if marks.predicted_vram_bytes:
+        lines.append(("predicted peak", marks.predicted_vram_bytes, ""))
+    return lines
+
+
+def _line_layers(lines: list[tuple[str, int, str]]) -> list[alt.Chart]:
+    """Dashed lines of (kind, bytes, what the label adds), labelled at the right."""
     if not lines:
         return []
-    frame = pd.DataFrame([{"GiB": round(value / GIB, 4), "line": name, "text": f"{name} {value / GIB:.2f} GiB"}
-                          for name, value in lines])
+    frame = pd.DataFrame([{"GiB": round(value / GIB, 4), "line": name,
+                           "text": f"{name} {value / GIB:.2f} GiB{where}"} for name, value, where in lines])
     color = alt.Color("line:N", scale=alt.Scale(domain=list(LINE_COLORS), range=list(LINE_COLORS.values())),
                       legend=None)
     rule = alt.Chart(frame).mark_rule(strokeDash=[6, 4], strokeWidth=1.5).encode(y="GiB:Q", color=color)
@@ -130,15 +187,14 @@ def _line_layers(lines: list[tuple[str, int]]) -> list[alt.Chart]:
     return [rule, text]
 
 
-def _panel(samples, origin: float, series: dict[str, str], marks: Marks, lines: list[tuple[str, int]],
-           title: str, end: float) -> alt.LayerChart:
-    curves = _curves(samples, origin, series)
+def _panel(curves: pd.DataFrame, palette: dict[str, str], marks: Marks, lines: list[tuple[str, int, str]],
+           title: str, end: float, tooltip: Sequence[alt.Tooltip] = ()) -> alt.LayerChart:
     layers = _band_layers(marks, end)
     layers.append(alt.Chart(curves).mark_line(strokeWidth=2, interpolate="step-after").encode(
         x=alt.X("seconds:Q", title=marks.x_title, scale=alt.Scale(domain=[marks.start, end], nice=False)),
         y=alt.Y("GiB:Q", title="GiB", scale=alt.Scale(zero=True)),
-        color=_color("series", SERIES_COLORS, None, curves["series"]),
-        tooltip=["series:N", "seconds:Q", alt.Tooltip("GiB:Q", format=".3f")]))
+        color=_color("series", palette, None, curves["series"]),
+        tooltip=["series:N", "seconds:Q", alt.Tooltip("GiB:Q", format=".3f"), *tooltip]))
     layers += _line_layers(lines)
     return alt.layer(*layers).resolve_scale(color="independent").properties(
         title=title, width="container", height=230)
@@ -147,19 +203,31 @@ def _panel(samples, origin: float, series: dict[str, str], marks: Marks, lines: 
 def ram_chart(samples: Sequence[MemorySample], origin: float, marks: Marks, title: str = "RAM") -> alt.LayerChart:
     """The RAM panel: RSS and the system's used RAM, phase bands, the predicted peak RSS."""
     end = _end(samples, origin, marks)
-    lines = [("predicted peak", marks.predicted_ram_bytes)] if marks.predicted_ram_bytes else []
-    return _panel(samples, origin, RAM_SERIES, marks, lines, title, end)
+    lines = [("predicted peak", marks.predicted_ram_bytes, "")] if marks.predicted_ram_bytes else []
+    return _panel(_curves(samples, origin, RAM_SERIES), SERIES_COLORS, marks, lines, title, end)
 
 
 def gpu_chart(samples: Sequence[MemorySample], origin: float, marks: Marks,
               title: str = "GPU memory") -> alt.LayerChart | None:
-    """The GPU panel, or None when nothing reported GPU memory (no NVML and no CUDA)."""
+    """The GPU panel, or None when nothing reported GPU memory (no NVML and no CUDA): one
+    GPU's four figures, or with several GPUs read one line per GPU and each one's cap."""
     if not has_gpu_readings(samples):
         return None
     end = _end(samples, origin, marks)
-    lines = [(name, value) for name, value in (("vram_limit", marks.vram_limit_bytes),
-                                               ("predicted peak", marks.predicted_vram_bytes)) if value]
-    return _panel(samples, origin, GPU_SERIES, marks, lines, title, end)
+    indices = gpu_indices(samples)
+    if len(indices) > 1:
+        curves = _gpu_curves(samples, origin, indices)
+        palette = {f"GPU {index}, {figure}": GPU_COLORS[index % len(GPU_COLORS)]
+                   for index in indices for figure in GPU_LINE_FIGURES.values()}
+        tooltip = [alt.Tooltip(f"{GPU_TOOLTIP[name]}:Q", title=f"{label}, GiB", format=".3f")
+                   for name, label in GPU_SERIES.items()]
+        return _panel(curves, palette, marks, _gpu_lines(marks, indices), title, end, tooltip)
+    cap = marks.vram_limit_bytes
+    if isinstance(cap, Mapping):
+        cap = cap.get(indices[0] if indices else 0)
+    lines = [(name, value, "") for name, value in (("vram_limit", cap),
+                                                   ("predicted peak", marks.predicted_vram_bytes)) if value]
+    return _panel(_curves(samples, origin, GPU_SERIES), SERIES_COLORS, marks, lines, title, end)
 
 
 def _end(samples: Sequence[MemorySample], origin: float, marks: Marks) -> float:
