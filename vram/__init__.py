@@ -17,9 +17,8 @@ between disk, RAM and the computation device under a VRAM cap.
 
 Modules, imports pointing down the list: config, reports, casting, weights, arena, mover,
 standin (the CPU stand-in accelerator), devices, budget, cache, group, grouping, schedule,
-hooks, model (the glue), monitor, gpus (NVML devices as CUDA numbers them) and sampler. This
-package knows nothing of pipelines,
-presets or the app.
+hooks, model (the glue), monitor, gpus (NVML devices as CUDA numbers them) and sampler.
+This package knows nothing of pipelines, presets or the app.
 
 ``computation_device="standin"`` runs a model on the CPU through the stand-in's copy engine
 and allocator (vram/standin.py): the accelerator's code paths, checked without one.
