@@ -10,9 +10,10 @@ Three tables, each measured in this one run:
    and e5m2 and read back. The relative L2 error ||w - w'|| / ||w|| of a plain cast, of the
    core's rule (one power-of-two scale per tensor, vram/casting.py), of an exact per-tensor
    scale (amax / fp8 max, not a power of two) and of a power-of-two scale per output channel.
-2. Real layouts: every tensor the casting rule stores in fp8 in the built-in model (trained)
-   and in the tiny test families (random, diffusers' initialisation), pooled per model: the
-   same relative error over all of them.
+2. Real layouts: every tensor the casting rule stores in fp8 in the built-in model (trained),
+   in the tiny test families (random, diffusers' initialisation) and in FLUX.1's layer shapes
+   at 1536 wide (torch's default initialisation: a large model's spread), pooled per model:
+   the same relative error over all of them.
 3. The built-in model's images: ``fp8_offload`` against ``basic`` (float32), plainly cast
    (``vram.casting.plain_fp8()``) and scaled, over a few prompts: PSNR and the largest pixel
    difference.
@@ -84,7 +85,7 @@ def synthetic_rows() -> list[list]:
 
 def _cast_tensors(folder: Path) -> list[tuple[str, torch.Tensor]]:
     """(component, tensor) for every weight the casting rule stores in fp8, in a diffusers folder."""
-    from pipelines.loading import build_model, keep_fp32_for, read_model_index, _resolve_class
+    from pipelines.loading import build_model, keep_fp32_for, read_model_index, resolve_class
     from vram.casting import model_rule
     import vram
 
@@ -96,7 +97,7 @@ def _cast_tensors(folder: Path) -> list[tuple[str, torch.Tensor]]:
         files = sorted((folder / name).glob("*.safetensors"))
         if not files:
             continue
-        cls = _resolve_class(entry[0], entry[1], name)
+        cls = resolve_class(entry[0], entry[1], name)
         with vram.empty_weights():
             model = build_model(cls, folder / name, torch.float32)
         keep = keep_fp32_for(model, torch.float8_e4m3fn)
@@ -123,9 +124,16 @@ def layout_rows() -> list[list]:
     scratch = tempfile.TemporaryDirectory()
     for family in FAMILIES:
         folders.append((f"{family} (random)", build_family(family, Path(scratch.name) / family)))
+    # A realistic spread: FLUX.1's layer shapes at 1536 wide with torch's default
+    # initialisation (std 1/sqrt(3 fan_in): 0.015 for 1536 inputs, 0.007 for 6144).
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    wide = FluxTransformer2DModel(num_layers=1, num_single_layers=2, attention_head_dim=128, num_attention_heads=12,
+                                  joint_attention_dim=1536, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
+    wide_tensors = [p.detach() for n, p in wide.named_parameters() if p.dim() > 1 and "norm" not in n]
     rows = []
-    for label, folder in folders:
-        tensors = [t for _, t in _cast_tensors(folder)]
+    for label, folder in folders + [("FLUX.1 layout, 1536 wide (default init)", None)]:
+        tensors = wide_tensors if folder is None else [t for _, t in _cast_tensors(folder)]
         stds = torch.tensor([float(t.std()) for t in tensors if t.numel() > 1])
         for dtype in FP8:
             errors = [relative_error([(t, round_trip(t, dtype, how)) for t in tensors])

@@ -158,7 +158,7 @@ def _default_dtype(dtype: torch.dtype):
             torch.set_default_dtype(previous)
 
 
-def _resolve_class(library: str, class_name: str, where: str):
+def resolve_class(library: str, class_name: str, where: str):
     allowed = ("diffusers", "transformers")
     if library not in allowed:
         raise ModelFilesError(f"{where}: library {library!r} is not supported (only {', '.join(allowed)})")
@@ -168,7 +168,7 @@ def _resolve_class(library: str, class_name: str, where: str):
     return cls
 
 
-def _is_model(cls) -> bool:
+def is_model(cls) -> bool:
     from diffusers import ModelMixin
     from transformers import PreTrainedModel
     return issubclass(cls, (ModelMixin, PreTrainedModel))
@@ -239,8 +239,8 @@ def load_component(folder: Path, name: str, phase: str, entry: list, config: vra
                    variant: str | None = None, label: str | None = None) -> LoadedComponent:
     """Build component ``name`` on the meta device and put it under the core with ``config``."""
     component_dir = Path(folder) / name
-    cls = _resolve_class(entry[0], entry[1], f"{component_dir}")
-    if not _is_model(cls):
+    cls = resolve_class(entry[0], entry[1], f"{component_dir}")
+    if not is_model(cls):
         raise ModelFilesError(f"{component_dir}: {entry[1]} is not a model class")
     files = weight_files(component_dir, variant)
     config = _vae_upcast(cls, component_dir, config)
@@ -275,8 +275,8 @@ def _vae_upcast(cls, component_dir: Path, config: vram.VramConfig) -> vram.VramC
 def load_plain_component(folder: Path, name: str, entry: list):
     """A tokenizer, scheduler or processor: loaded by its own class from its subfolder."""
     component_dir = Path(folder) / name
-    cls = _resolve_class(entry[0], entry[1], f"{component_dir}")
-    if _is_model(cls):
+    cls = resolve_class(entry[0], entry[1], f"{component_dir}")
+    if is_model(cls):
         raise ModelFilesError(f"{component_dir}: {entry[1]} is a model, but the family does not list it")
     try:
         return cls.from_pretrained(component_dir)

@@ -33,7 +33,7 @@ from . import loading
 from .registry import Family, get_family
 from .request import GenerationRequest, RequestError
 from .errors import Cancelled
-from .sources import resolve_model
+from .sources import is_local, locate, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -421,6 +421,26 @@ def _split_configs(configs, family: Family) -> dict[str, Any]:
     return dict(configs)
 
 
+_converting = threading.Lock()
+
+
+def _convert_on_first_use(family: Family, source: str, models_dir, progress) -> None:
+    """A converted variant's folder, made from its original when it is not there yet."""
+    if family.converted_from is None:
+        return
+    from .convert import convert
+
+    folder, _ = locate(family.key, models_dir)
+    with _converting:  # two loads of one variant in this process convert it once
+        if (folder / "model_index.json").is_file():
+            return
+        original, _ = resolve_model(family.converted_from, source=source, models_dir=models_dir, progress=progress)
+        log.info("%s: converting %s into %s (once)", family.key, original, folder)
+        convert(original, folder, dtype=family.converted_dtype,
+                progress=None if progress is None else lambda name, done, total: progress(f"converting {name}", done,
+                                                                                          total))
+
+
 def load_pipeline(model: str | Path, configs: Any, *, source: str = "modelscope", models_dir: str | Path | None = None,
                   progress: Callable[[str, int, int], None] | None = None,
                   family: str | None = None) -> ManagedPipeline:
@@ -431,8 +451,12 @@ def load_pipeline(model: str | Path, configs: Any, *, source: str = "modelscope"
     ``source``: "modelscope" (default), "huggingface" or "local" (``models_dir/<key>`` must
     hold the files). Files are downloaded once into ``models_dir`` and checked; nothing is
     ever written into a model folder afterwards. ``family`` names the registry entry whose
-    defaults a local folder should use, when its pipeline class is ambiguous.
+    defaults a local folder should use, when its pipeline class is ambiguous. A converted
+    registry variant ("flux.1-dev-fp8") is made on first use from its original (downloaded
+    first if needed), with ``progress("converting <component>", done, total)``.
     """
+    if not is_local(model):
+        _convert_on_first_use(get_family(str(model)), source, models_dir, progress)
     folder, fam = resolve_model(model, source=source, models_dir=models_dir, progress=progress)
     if family is not None:
         fam = get_family(family)

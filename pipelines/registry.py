@@ -53,6 +53,10 @@ class Family:
     description: str = ""
     # Files that ship with this project (the built-in model): used in place, never downloaded.
     bundled: Path | None = None
+    # A converted copy (python -m pipelines.convert): made here from the family ``converted_from``
+    # in ``converted_dtype``, never downloaded.
+    converted_from: str | None = None
+    converted_dtype: str | None = None
 
     @property
     def weighted(self) -> tuple[str, ...]:
@@ -168,6 +172,24 @@ for _base, _variant in (
     _keys = list(FAMILIES)
     _keys.insert(_keys.index(_base) + 1, _variant["key"])
     FAMILIES[_variant["key"]] = replace(FAMILIES[_base], **_variant)
+    FAMILIES = {k: FAMILIES[k] for k in _keys}
+
+
+# Converted copies: the same models stored in scaled fp8 e4m3 (pipelines/convert.py), so the
+# disk tier reads half the bytes and fp8 presets cast nothing at load. Made on first use from
+# the downloaded original by ``load_pipeline`` (or beforehand:
+# ``python -m pipelines.convert KEY models/KEY-fp8``).
+CONVERTED_SUFFIX = "-fp8"
+for _base in ("qwen-image", "z-image-turbo", "flux.1-dev", "flux.1-schnell", "wan2.1-t2v-14b"):
+    _family = FAMILIES[_base]
+    _key = _base + CONVERTED_SUFFIX
+    _keys = list(FAMILIES)
+    _keys.insert(_keys.index(_base) + 1, _key)
+    FAMILIES[_key] = replace(
+        _family, key=_key, title=f"{_family.title}, fp8 e4m3", modelscope_id=None, huggingface_id=None,
+        variant=None, converted_from=_base, converted_dtype="float8_e4m3fn",
+        description=f"{_family.title} converted here to scaled fp8 (made from {_base} on first use): "
+                    f"half the bytes on disk and in the disk tier's reads. {_family.description}")
     FAMILIES = {k: FAMILIES[k] for k in _keys}
 
 

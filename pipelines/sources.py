@@ -76,6 +76,13 @@ def resolve_model(model: str | os.PathLike, *, source: str = "modelscope", model
     folder, family = locate(model, models_dir)
     if is_local(model) or family.bundled is not None:
         return folder, family
+    if family.converted_from is not None:
+        if not (folder / "model_index.json").is_file():
+            raise ModelFilesError(f"{family.key} is converted here, not downloaded, and {folder} does not hold it "
+                                  f"yet: load it with load_pipeline (which converts it), or run "
+                                  f"python -m pipelines.convert {family.converted_from} {folder}")
+        check_folder(folder, family)
+        return folder, family
     if source == "local":
         if not folder.is_dir():
             raise ModelFilesError(f"{family.key}: no local copy in {folder}; download it with source='modelscope' "

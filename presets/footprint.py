@@ -155,9 +155,9 @@ def _largest_group(component_dir: Path, entry) -> int:
 @functools.lru_cache(maxsize=64)
 def _largest_group_cached(component_dir: str, stamp: int, entry: tuple) -> int:
     import torch
-    from pipelines.loading import _resolve_class, build_model
+    from pipelines.loading import resolve_class, build_model
     try:
-        cls = _resolve_class(entry[0], entry[1], component_dir)
+        cls = resolve_class(entry[0], entry[1], component_dir)
         model = build_model(cls, Path(component_dir), torch.bfloat16)
     except Exception as error:  # noqa: BLE001 - sizing falls back to the largest tensor
         log.debug("cannot build %s on the meta device to size its groups: %s", component_dir, error)

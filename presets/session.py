@@ -27,6 +27,7 @@ import torch
 
 import vram
 from pipelines import Event, Family, FAMILIES, GenerationRequest, ModelFilesError, RequestError, registry
+from pipelines.convert import describe as describe_conversion
 from pipelines.loading import check_config_keys, config_for, family_of_folder
 from pipelines.sources import default_models_dir, locate
 from vram import monitor
@@ -61,11 +62,19 @@ class ModelChoice:
         return (self.folder / "model_index.json").is_file()
 
     @property
+    def conversion(self) -> str | None:
+        """What a converted copy is ("FLUX.1-dev (12B), fp8 e4m3 (scaled), 14 shards"); None
+        for any other folder."""
+        return describe_conversion(self.folder)
+
+    @property
     def label(self) -> str:
         if self.local:
-            return f"{self.name} (local folder, {self.family.title})"
+            return f"{self.name} (local folder, {self.conversion or self.family.title})"
         if self.family.bundled is not None:
             return f"{self.name}: {self.family.title}, built in"
+        if self.family.converted_from is not None and not self.downloaded:
+            return f"{self.name}: {self.family.title} (made from {self.family.converted_from} on first use)"
         return f"{self.name}: {self.family.title}" + ("" if self.downloaded else " (not downloaded yet)")
 
 

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from pipelines import load_pipeline  # noqa: E402
-from pipelines.loading import _resolve_class, family_of_folder, read_model_index  # noqa: E402
+from pipelines.loading import resolve_class, family_of_folder, read_model_index  # noqa: E402
 from presets import preset_configs  # noqa: E402
 from presets.footprint import footprint  # noqa: E402
 from presets.planner import Job, predict  # noqa: E402
@@ -28,7 +28,7 @@ def main(folder: Path, preset: str, tiny_name: str) -> None:
     family = family_of_folder(folder)
     for name, entry in read_model_index(folder).items():   # import the model code up front
         if isinstance(entry, list) and all(entry):
-            _resolve_class(entry[0], entry[1], name)
+            resolve_class(entry[0], entry[1], name)
     request, extra = request_for(tiny_name)
     sizes = footprint(family, folder)
     job = Job(request.width, request.height, request.frames or 1, cfg=family.guidance_is_cfg and request.guidance > 1)

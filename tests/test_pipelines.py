@@ -19,8 +19,9 @@ pytestmark = pytest.mark.standin  # each test runs on the CPU and on the stand-i
 
 PROMPT = "a red circle on a blue background"
 # fp8 storage of every text-encoder and denoiser weight, on random tiny models: the largest
-# pixel difference from the bf16/fp32 pipeline, images in [0, 1]. Measured 0.008-0.040.
-FP8_TOLERANCE = 0.06
+# pixel difference from the bf16/fp32 pipeline, images in [0, 1]. Measured 0.00003-0.029 with
+# fp8 scaled per tensor (0.008-0.040 with a plain cast, when the bound was 0.06).
+FP8_TOLERANCE = 0.04
 
 
 def request_for(name: str) -> tuple[GenerationRequest, dict]:

@@ -19,9 +19,11 @@ pytestmark = pytest.mark.standin  # each test runs on the CPU and on the stand-i
 STEPS = 4
 PROMPT = "a large yellow star on a purple background, top right"
 # fp8 storage of the trained model: the largest pixel difference (at the shape's edges;
-# measured 0.064) and the mean one (measured about 0.002), images in [0, 1].
+# measured 0.084 scaled, 0.064 with a plain cast: its weights are wide, median std 0.05, where
+# scaling buys nothing) and the mean one (measured 0.0017 scaled, about 0.002 plain), images in
+# [0, 1].
 FP8_MAX_DIFFERENCE = 0.1
-FP8_MEAN_DIFFERENCE = 0.01
+FP8_MEAN_DIFFERENCE = 0.005
 ADHERENCE_BAR = 0.8
 
 

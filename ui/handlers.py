@@ -147,12 +147,15 @@ class AppHandlers:
     def model_changed(self, model: str):
         """A model was picked: its defaults fill the fields; video models show frames and a player."""
         try:
-            family = self.session.resolve_model(model).family
+            choice = self.session.resolve_model(model)
         except ValueError as error:
             raise gr.Error(str(error), print_exception=False) from None
+        family = choice.family
         d = family.defaults
         video = family.kind == "video"
         about = f"**{family.title}** — {family.description}" if family.description else f"**{family.title}**"
+        if choice.conversion:
+            about = f"**A converted copy: {choice.conversion}** ({choice.folder.name}). " + about
         return (gr.update(value=d.get("width", 1024)), gr.update(value=d.get("height", 1024)),
                 gr.update(value=d.get("steps", 30)), gr.update(value=d.get("guidance", 0.0)),
                 gr.update(visible=video, value=d.get("frames", 81) if video else None),
