@@ -85,11 +85,11 @@ def release_managed_models(computation):
             vram.release(record.module)
         except Exception:
             vram.get_manager().unregister(record)
-    if computation == "standin":
-        from vram import standin
-        engine = standin.engine()
+    from vram import standin
+    for engine in standin.engines():
         engine.synchronize()
-        assert engine.live_buffers == 0, f"{engine.live_buffers} stand-in buffers outlived their models"
+        assert engine.live_buffers == 0, \
+            f"{engine.live_buffers} buffers on {vram.config.device_name(engine.device)} outlived their models"
 
 
 @pytest.fixture(scope="session")

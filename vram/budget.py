@@ -27,7 +27,7 @@ from .reports import Counters, RunReport
 
 if TYPE_CHECKING:
     from .group import Group
-    from .model import ManagedModel
+    from .model import ManagedModel, Part
     from .mover import Mover
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,13 @@ class Manager:
         self._activations: dict[str, dict[int, int]] = defaultdict(dict)
         self._movers: dict[str, "Mover"] = {}  # per device: the mover that speaks for its memory
         self._forgotten: deque[tuple[str, str]] = deque()  # (device, model) collected unregistered
-        self._models: "weakref.WeakValueDictionary[str, ManagedModel]" = weakref.WeakValueDictionary()
+        self._models: "weakref.WeakValueDictionary[str, Part]" = weakref.WeakValueDictionary()  # by name
         self.clock = 0  # ticks of group use, for least-recently-used eviction
         self.reports: list[RunReport] = []  # the latest 256
         self.reports_total = 0              # reports ever added: callers slice "since" with it
 
     # -- models ---------------------------------------------------------------------------
-    def register(self, model: "ManagedModel") -> str:
+    def register(self, model: "Part") -> str:
         with self.lock:
             self._settle_forgotten()
             base, name, n = model.name, model.name, 1
@@ -87,7 +87,7 @@ class Manager:
             self._refresh_budget(model.budget_key)
             return name
 
-    def unregister(self, model: "ManagedModel") -> None:
+    def unregister(self, model: "Part") -> None:
         with self.lock:
             self._settle_forgotten()
             if self._models.get(model.name) is model:
@@ -114,8 +114,9 @@ class Manager:
             self._refresh_budget(key)
 
     def models(self) -> list["ManagedModel"]:
+        """The models registered (a model split over devices once, not once per part)."""
         with self.lock:
-            return list(self._models.values())
+            return list({id(m.owner): m.owner for m in self._models.values()}.values())
 
     def _refresh_budget(self, key: str) -> None:
         """A device's budget is the smallest vram_limit among the models computing on it, and
@@ -200,7 +201,7 @@ class Manager:
         budget = self.budget(device)
         return budget is None or self._device_bytes[device_name(device)] + nbytes + headroom <= budget
 
-    def make_room(self, device: torch.device, nbytes: int, requester: "ManagedModel",
+    def make_room(self, device: torch.device, nbytes: int, requester: "Part",
                   headroom: int = 0, own: bool = True) -> bool:
         """Evict idle prepared copies until ``nbytes`` (+ headroom) fit; True if they do.
 
@@ -222,7 +223,7 @@ class Manager:
                 return True
         return False
 
-    def reserve(self, requester: "ManagedModel", nbytes: int) -> None:
+    def reserve(self, requester: "Part", nbytes: int) -> None:
         """Make room for a copy the current forward needs (caller holds the lock).
 
         Evicts idle copies, then drops prefetches nobody uses yet; while another forward on
@@ -247,16 +248,16 @@ class Manager:
             f"{(budget or 0) / GIB:.4f} GiB after {self.activation_reserve(device) / GIB:.4f} GiB "
             f"kept for activations). Raise vram_limit or lower the resolution/batch.")
 
-    def keeps(self, model: "ManagedModel", group: "Group") -> bool:
+    def keeps(self, model: "Part", group: "Group") -> bool:
         """Whether a group's staged copy stays after its forward (caller holds the lock)."""
-        limit = model.config.vram_limit
+        limit = model.owner.config.vram_limit
         if limit == 0:
             return False
         if limit is None:
             # Without a cap, a CPU that computes from disk keeps nothing: the point of the
             # disk tier is RAM, and the RAM cache is the knob for keeping weights there.
             return not (group.base is None and model.budget_key == "cpu")
-        if not model.runs_done:
+        if not model.owner.runs_done:
             return False  # the first forward streams: its activation peak is not known yet
         # Kept, this copy stops being part of the streaming window; the window (whatever of
         # it is not in flight now) must still fit beside everything kept. The running model
@@ -271,21 +272,21 @@ class Manager:
         for model in self._models.values():
             if model.budget_key != device:
                 continue
-            for group in model.groups:
+            for group in model.part_groups:
                 if group.reclaim():
                     dropped = True
         return dropped
 
-    def busy(self, device: str, besides: "ManagedModel") -> bool:
+    def busy(self, device: str, besides: "Part") -> bool:
         """Whether memory on ``device`` will be released soon: another model holds groups in use
         or copies in flight, or a read of the waiting model itself is still running."""
         for model in self._models.values():
             if model.budget_key != device:
                 continue
             if model is besides:  # its own forward is the one waiting; only its reads count
-                if any(group.reading for group in model.groups):
+                if any(group.reading for group in model.part_groups):
                     return True
-            elif any(group.users or group.pending is not None for group in model.groups):
+            elif any(group.users or group.pending is not None for group in model.part_groups):
                 return True
         return False
 
@@ -294,7 +295,7 @@ class Manager:
         for model in self._models.values():
             if model.budget_key != device:
                 continue
-            for group in model.groups:
+            for group in model.part_groups:
                 if group.evictable:
                     (mine if model is requester else others).append(group)
         others.sort(key=lambda g: g.last_used)
@@ -305,14 +306,14 @@ class Manager:
 
 
     # -- activations and reports -------------------------------------------------------------
-    def note_activations(self, model: "ManagedModel", nbytes: int) -> None:
+    def note_activations(self, model: "Part", nbytes: int) -> None:
         """Activations one forward of ``model`` measured, for the job size it announced."""
         with self.lock:
             size = getattr(model, "job", 0)
             seen = self._activations[model.name]
             seen[size] = max(nbytes, seen.get(size, 0))
 
-    def expect_job(self, model: "ManagedModel", size: int) -> None:
+    def expect_job(self, model: "Part", size: int) -> None:
         """A forward of ``model`` on a job of ``size`` input elements begins: room for its
         activations is what that size measured before, or else the measurements scaled to
         it (activations grow with tokens x batch x frames), plus 10%. Kept copies that no
@@ -367,8 +368,10 @@ class Manager:
                                 "budget_bytes": self.budget(d),
                                 "activation_reserve_bytes": self._activation_reserve[d]}
                             for d, b in self._device_bytes.items()},
-                "models": {name: {"state": m.state.value, "resident": per_model.get(name, {}),
-                                  "summary": m.summary(), "groups": m.group_states()}
+                "models": {name: {"state": m.owner.state.value, "resident": per_model.get(name, {}),
+                                  "summary": m.summary() if m.owner is m else {"part of": m.owner.name,
+                                                                               "device": m.budget_key},
+                                  "groups": {g.name: g.state_name() for g in m.part_groups}}
                            for name, m in self._models.items()},
                 "counters": dict(vars(self.counters)),
                 "last_runs": [vars(r) | {"within_cap": r.within_cap} for r in self.reports[-8:]],

@@ -44,16 +44,29 @@ EXTRA_KEYS = ("vram_limit", "prefetch", "pin_memory", "ram_cache_gib", "granular
 GRANULARITIES = ("block", "leaf")
 MAX_PREFETCH = 32  # groups staged ahead; each costs a group's memory, so more only fills the cap
 
-# The stand-in accelerator: tensors on it are CPU tensors, but the core treats the device as
-# one with memory of its own (see standin.py). torch keeps the index on the device object
-# and drops it on tensors, so this device differs from the host's while computing there.
+# The stand-in accelerators: tensors on them are CPU tensors, but the core treats each as a
+# device with memory of its own (see standin.py). torch keeps the index on the device object
+# and drops it on tensors, so "standin:k" is cpu:k+1, a device that differs from the host's
+# while computing there; "standin" is "standin:0".
 STANDIN = torch.device("cpu", 1)
 STANDIN_NAME = "standin"
+MAX_STANDINS = 16
+
+
+def standin_device(index: int = 0) -> torch.device:
+    """The stand-in accelerator ``standin:index``."""
+    if not (isinstance(index, int) and 0 <= index < MAX_STANDINS):
+        raise ValueError(f"standin:{index}: there are stand-ins 0 to {MAX_STANDINS - 1}")
+    return torch.device("cpu", index + 1)
+
+
+def is_standin(device: torch.device | None) -> bool:
+    return device is not None and device.type == "cpu" and device.index is not None and device.index >= 1
 
 
 def is_host(device: torch.device | None) -> bool:
-    """Whether ``device`` is the host's RAM (the CPU, not the stand-in)."""
-    return device is not None and device.type == "cpu" and device != STANDIN
+    """Whether ``device`` is the host's RAM (the CPU, not a stand-in)."""
+    return device is not None and device.type == "cpu" and not is_standin(device)
 
 
 def device_name(device: torch.device | str | None) -> str:
@@ -62,7 +75,9 @@ def device_name(device: torch.device | str | None) -> str:
         return DISK
     if isinstance(device, str):
         return device
-    return STANDIN_NAME if device == STANDIN else str(device)
+    if is_standin(device):
+        return STANDIN_NAME if device.index == 1 else f"{STANDIN_NAME}:{device.index - 1}"
+    return str(device)
 
 
 @dataclass(frozen=True)
@@ -102,8 +117,16 @@ def parse_device(value: Any, field_name: str) -> torch.device | None:
     """A device that exists on this machine; ``"disk"`` gives None."""
     if isinstance(value, str) and value.strip().lower() == DISK:
         return None
-    if isinstance(value, str) and value.strip().lower() == STANDIN_NAME or value == STANDIN:
-        return STANDIN
+    if isinstance(value, torch.device) and is_standin(value):
+        return value
+    if isinstance(value, str) and value.strip().lower().startswith(STANDIN_NAME):
+        name, _, index = value.strip().lower().partition(":")
+        if name != STANDIN_NAME or (index and not index.isdigit()):
+            raise ValueError(f"{field_name}: unknown device {value!r} (the stand-ins are 'standin', 'standin:1', ...)")
+        try:
+            return standin_device(int(index or 0))
+        except ValueError as error:
+            raise ValueError(f"{field_name}: {error}") from None
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError) as error:
@@ -170,9 +193,10 @@ class VramConfig:
                              f"device ({device_name(self.computation.device)}): preparing stages weights where "
                              f"they compute")
         for state in ("offload", "onload"):
-            if getattr(self, state).device == STANDIN and self.computation.device != STANDIN:
-                raise ValueError(f"{state}_device: 'standin' is the stand-in accelerator; it can hold weights "
-                                 f"only for a model that computes there")
+            device = getattr(self, state).device
+            if is_standin(device) and device != self.computation.device:
+                raise ValueError(f"{state}_device: {device_name(device)!r} is a stand-in accelerator; it can hold "
+                                 f"weights only for a model that computes there")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if self.computation.dtype not in COMPUTE_DTYPES:
@@ -257,6 +281,17 @@ class VramConfig:
     def budget_device(self) -> torch.device:
         """The device whose memory ``vram_limit`` caps."""
         return self.computation.device
+
+    def on_device(self, device: torch.device) -> "VramConfig":
+        """The same tiers with ``device`` wherever the computation device was: for the groups
+        of a model placed on another device of its kind (``enable_vram_management``'s
+        ``device_map``)."""
+        here = self.computation.device
+
+        def move(p: Placement) -> Placement:
+            return Placement(device, p.dtype) if p.device == here else p
+        return replace(self, offload=move(self.offload), onload=move(self.onload),
+                       preparing=move(self.preparing), computation=move(self.computation))
 
     def with_dtype(self, dtype: torch.dtype) -> "VramConfig":
         """The same tiers with every non-disk dtype replaced: for layers kept out of fp8."""

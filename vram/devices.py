@@ -6,14 +6,14 @@ from __future__ import annotations
 import torch
 
 from . import standin
-from .config import STANDIN
+from .config import is_standin
 from .mover import CudaMover, Mover, PeakScope, SyncMover, _CudaPeaks
 
 
 def make_mover(device: torch.device) -> Mover:
-    """A new mover for ``device`` (the stand-in's engine is one per process)."""
-    if device == STANDIN:
-        return standin.engine()
+    """A new mover for ``device`` (a stand-in's engine is one per process)."""
+    if is_standin(device):
+        return standin.engine(device)
     if device.type == "cuda":
         return CudaMover(device)
     return SyncMover(device)
@@ -21,8 +21,8 @@ def make_mover(device: torch.device) -> Mover:
 
 def peak_scope(device: torch.device) -> PeakScope:
     """Peak memory on ``device`` over one run (see ``Mover.peaks``) without a mover."""
-    if device == STANDIN:
-        return standin.engine().peaks()
+    if is_standin(device):
+        return standin.engine(device).peaks()
     if device.type == "cuda" and torch.cuda.is_available():
         return _CudaPeaks(device)
     return PeakScope()

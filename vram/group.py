@@ -133,6 +133,7 @@ class Group:
     def __init__(self, model: "ManagedModel", name: str, roots: list[torch.nn.Module],
                  entries: list[Entry], installs: list[tuple[dict, str, int]], modules: list[str]):
         self.model = model
+        self.part = model           # the part of the model on this group's device (model.py's Part)
         self.name = name
         self.roots = roots
         self.entries = entries
@@ -271,7 +272,7 @@ class Group:
             if is_host(self.device):
                 return self._cast_pooled(self.base_tensors())
             # On the device, maybe on the reader thread: its stream may not be the consumer's.
-            mover = self.model.mover
+            mover = self.part.mover
             factors = self.factors(self.base_dtypes(), self.preparing)
             return Landing(None, cast_views(self.base_tensors(), self.preparing, factors), mover.record())
         if prep is Prep.COPY:
@@ -302,7 +303,7 @@ class Group:
             else:
                 # A cached arena may be evicted (and unpinned, freed) by the next put: this
                 # background thread waits for the copy out of it first.
-                model.mover.host_done(landing.event)
+                self.part.mover.host_done(landing.event)
             return landing
         if files == self.preparing:
             return Landing(None, views, host=(model.pool, arena) if pooled else None)
@@ -325,7 +326,7 @@ class Group:
                    factors: tuple[float, ...] | None = None) -> Landing:
         """One copy of ``host`` (laid out as ``layout``) to the device, cast there to
         ``targets`` where the dtypes differ (times ``factors``, see ``factors()``)."""
-        landing = self.model.mover.to_device(host, layout, targets, factors)
+        landing = self.part.mover.to_device(host, layout, targets, factors)
         counters = self.manager.counters
         counters.bytes_to_device += layout.nbytes
         if landing.synchronous:
@@ -366,12 +367,12 @@ class Group:
         with manager.lock:
             if self.state is not GroupState.RESTING:
                 return
-            if not manager.make_room(model.budget_key, self.prepared_charge, model,
-                                     headroom=model.max_group_need, own=False):
+            if not manager.make_room(self.part.budget_key, self.prepared_charge, self.part,
+                                     headroom=self.part.max_group_need, own=False):
                 return
             self._charge(self.prepared_charge)
             self.state = GroupState.STAGING
-            if not (self.prep is Prep.COPY and model.mover.asynchronous):
+            if not (self.prep is Prep.COPY and self.part.mover.asynchronous):
                 self.pending = submit(self._stage)
                 return
             # An asynchronous copy: issuing it is all the work there is, done here, under the
@@ -385,9 +386,9 @@ class Group:
     def _charge(self, nbytes: int) -> None:
         model = self.model
         if nbytes:
-            self.manager.charge(model.budget_key, model.name, self.name, "prepared", nbytes)
+            self.manager.charge(self.part.budget_key, self.part.name, self.name, "prepared", nbytes)
         self.charged = nbytes
-        model.streaming_bytes += nbytes
+        self.part.streaming_bytes += nbytes
 
     # -- a forward --------------------------------------------------------------------------
     def enter(self) -> None:
@@ -397,7 +398,7 @@ class Group:
             if self.users:  # nested, or another thread runs it: the tensors are in place
                 self.users += 1
                 if self.ready_event is not None:
-                    model.mover.wait(self.ready_event)
+                    self.part.mover.wait(self.ready_event)
                 return
             manager = self.manager
             counters = manager.counters
@@ -413,24 +414,25 @@ class Group:
                         self.state = GroupState.IN_USE
                     elif state is GroupState.RESTING:
                         counters.prefetch_misses += 1
-                        manager.reserve(model, self.prepared_charge)
+                        manager.reserve(self.part, self.prepared_charge)
                         self._charge(self.prepared_charge)
                         self.state = GroupState.STAGING
                         own = True
                     else:
                         counters.prefetch_hits += 1
                         if state is GroupState.KEPT:
-                            model.kept_bytes -= self.charged
-                            model.streaming_bytes += self.charged
+                            self.part.kept_bytes -= self.charged
+                            self.part.streaming_bytes += self.charged
                         if state is GroupState.STAGING:
                             future = self.pending
                         else:
                             self.state = GroupState.IN_USE
                     self.users = 1
                     if self.compute_charge:
-                        manager.reserve(model, self.compute_charge)
-                        manager.charge(model.budget_key, model.name, self.name, "computation", self.compute_charge)
-                        model.streaming_bytes += self.compute_charge
+                        manager.reserve(self.part, self.compute_charge)
+                        manager.charge(self.part.budget_key, self.part.name, self.name, "computation",
+                                       self.compute_charge)
+                        self.part.streaming_bytes += self.compute_charge
                         self._compute_charged = self.compute_charge
                 if self.prep is Prep.NONE:
                     tensors, event = self.base_tensors(), None
@@ -442,7 +444,7 @@ class Group:
                         with manager.lock:
                             self._landed(landing)
                     tensors, event = self.staged.tensors, self.staged.event
-                mover = model.mover
+                mover = self.part.mover
                 if event is not None:
                     mover.wait(event)
                 if self._casts_compute:
@@ -481,15 +483,15 @@ class Group:
             params[name] = entries[index].placeholder
         self.ready_event = None
         if self._compute_charged:
-            manager.refund(model.budget_key, model.name, self.name, "computation", self._compute_charged)
-            model.streaming_bytes -= self._compute_charged
+            manager.refund(self.part.budget_key, self.part.name, self.name, "computation", self._compute_charged)
+            self.part.streaming_bytes -= self._compute_charged
             self._compute_charged = 0
         if self.state is GroupState.STAGING and self.pending is not None:
             return  # a failed entry left its prefetch running: it lands as STAGED
-        if keep and self.staged is not None and self.charged and manager.keeps(model, self):
+        if keep and self.staged is not None and self.charged and manager.keeps(self.part, self):
             self.state = GroupState.KEPT
-            model.streaming_bytes -= self.charged
-            model.kept_bytes += self.charged
+            self.part.streaming_bytes -= self.charged
+            self.part.kept_bytes += self.charged
         else:
             self._drop()
 
@@ -506,13 +508,13 @@ class Group:
                 pool, arena = staged.host
                 pool.release(arena)
                 staged.host = None
-            model.mover.retire(staged)
+            self.part.mover.retire(staged)
         if self.charged:
-            manager.refund(model.budget_key, model.name, self.name, "prepared", self.charged)
+            manager.refund(self.part.budget_key, self.part.name, self.name, "prepared", self.charged)
             if self.state is GroupState.KEPT:
-                model.kept_bytes -= self.charged
+                self.part.kept_bytes -= self.charged
             else:
-                model.streaming_bytes -= self.charged
+                self.part.streaming_bytes -= self.charged
             self.charged = 0
         self.pending = None
         self.state = GroupState.RESTING
@@ -609,7 +611,7 @@ class Group:
         if self.base is copy:
             self.base = None
         if copy.arena.pinned:
-            self.model.mover.synchronize()  # no copy may still read pages being unpinned
+            self.part.mover.synchronize()  # no copy may still read pages being unpinned
         copy.arena.close()
         self.manager.refund("host", self.model.name, self.name, "base", copy.arena.size)
 
@@ -630,7 +632,7 @@ class Group:
             for entry, view, tensor in zip(self.entries, layout.views(temporary.buffer), values):
                 copy_cast(view, tensor, entry.factor(tensor.dtype, view.dtype))
             landing = self._to_device(temporary.buffer[:layout.nbytes], layout, dtypes)
-            model.mover.host_done(landing.event)
+            self.part.mover.host_done(landing.event)
             return landing
         arena = model.pool.acquire()
         self.read_into(arena)
@@ -643,10 +645,10 @@ class Group:
     def _drop_device_base(self) -> None:
         """Free a base that rests on the computation device, and refund its charge."""
         if isinstance(self.base, Landing):
-            self.model.mover.retire(self.base)
+            self.part.mover.retire(self.base)
         if self.base_charge is not None:
             device, nbytes = self.base_charge
-            self.manager.refund(device, self.model.name, self.name, "base", nbytes)
+            self.manager.refund(device, self.part.name, self.name, "base", nbytes)
             self.base_charge = None
 
     def set_base(self, base: HostCopy | Landing | None, charge: tuple[str, int] | None = None) -> None:
@@ -654,7 +656,7 @@ class Group:
         if self.base is not base:
             self._drop_device_base()
         if charge is not None:
-            self.manager.charge(charge[0], self.model.name, self.name, "base", charge[1])
+            self.manager.charge(charge[0], self.part.name, self.name, "base", charge[1])
             self.base_charge = charge
         self.base = base
         self.plan()

@@ -25,10 +25,10 @@ from .arena import Arena, ArenaPool
 from .budget import RunReport, get_manager
 from .cache import RamCache
 from .casting import FP8_MAX, cast, fp8_plain, tensor_config
-from .config import GIB, VramConfig, device_name, is_host
+from .config import GIB, VramConfig, device_name, is_host, is_standin, parse_device
 from .group import Entry, Group, HostCopy, dtypes_at, make_placeholder
 from .grouping import GroupPlan, plan_groups, split
-from .hooks import GroupHooks
+from .hooks import Crossings, GroupHooks
 from .meta import has_meta_parameters
 from .devices import make_mover
 from .mover import Landing
@@ -65,20 +65,64 @@ def _trim_heap() -> None:
         pass
 
 
-class ManagedModel:
-    """The core's record of one model. Reach it with ``vram.managed(model)``."""
+class Part:
+    """The groups of a model that compute on one device, as that device's budget sees them:
+    the mover, the cap, the streaming window and what is charged there. A model placed on
+    one device is its own only part; a model split over several (``device_map``) has one
+    more ``Part`` per other device, each registered with the manager under its own name
+    ("transformer@standin:1") so that every device keeps its own ledger, cap and reports."""
+
+    def __init__(self, owner: "ManagedModel", device: torch.device, cap_bytes: int | None, name: str):
+        self.owner = owner
+        self.name = name
+        self.device = device
+        self.mover = make_mover(device)
+        self.host_computes = is_host(device)  # the CPU: no copies to a device
+        self.budget_key = device_name(device)
+        self.cap_bytes = cap_bytes
+        self.part_groups: list[Group] = []  # this device's groups
+        self.max_group_need = 0
+        self.window_bytes = 0
+        self.job = 0              # the current forward's size (elements of its inputs)
+        self.streaming_bytes = 0  # charged for copies that are not kept: in flight or in use
+        self.kept_bytes = 0       # charged for copies kept between forwards (what eviction frees)
+
+    def measure(self) -> None:
+        self.max_group_need = max((g.need for g in self.part_groups), default=0)
+        self.window_bytes = self.max_group_need * (self.owner.config.prefetch + 1)
+
+    def device_resident(self) -> int:
+        return sum(g.base_charge[1] for g in self.part_groups if g.base_charge and g.base_charge[0] == self.budget_key)
+
+    def check_cap(self) -> None:
+        """A cap that cannot hold the largest group (beside what rests on the device) fails
+        before any work."""
+        if not self.cap_bytes or not self.part_groups:
+            return
+        largest = max(self.part_groups, key=lambda g: g.need)
+        resident = self.device_resident()
+        if largest.need + resident > self.cap_bytes:
+            what = (f"group {largest.name!r} needs {largest.need / GIB:.4f} GiB"
+                    + (f" on top of {resident / GIB:.4f} GiB of weights resident there" if resident else ""))
+            raise ValueError(f"vram_limit={self.cap_bytes / GIB:.4g} GiB is too small for {self.owner.name}: {what} "
+                             f"on {self.budget_key}. Raise vram_limit, use an fp8 preparing "
+                             f"dtype, or vram_limit=0 to stream every group with no cap.")
+
+
+class ManagedModel(Part):
+    """The core's record of one model, and its part on its computation device. Reach it
+    with ``vram.managed(model)``."""
 
     def __init__(self, module: torch.nn.Module, config: VramConfig, source: WeightSource | None, name: str):
+        super().__init__(self, config.budget_device, None if not config.vram_limit else int(config.vram_limit * GIB),
+                         name)
         self.module = module
         self.config = config
         self.source = source
-        self.name = name
         self.state = ModelState.OFFLOAD
-        self.mover = make_mover(config.computation.device)
-        self.host_computes = is_host(config.computation.device)  # the CPU: no copies to a device
         # How host arenas are page-locked for asynchronous copies (None: they stay pageable).
         self.pinner = self.mover.pinner if config.pin_memory else None
-        self.groups: list[Group] = []
+        self.parts: list[Part] = [self]
         self.entries: list[Entry] = []
         self.schedule: Schedule[Group] = Schedule([], config.prefetch)
         self.pool: ArenaPool | None = None          # read arenas for the disk tier
@@ -90,38 +134,20 @@ class ManagedModel:
         self._run_lock = threading.Lock()
         self._runs = 0
         self._run_marks: dict[str, Any] = {}
-        self.budget_key = device_name(config.budget_device)
-        self.cap_bytes = None if not config.vram_limit else int(config.vram_limit * GIB)
-        self.max_group_need = 0
-        self.window_bytes = 0
         self.runs_done = 0        # completed top-level forwards (or vram.track blocks)
-        self.job = 0              # the current forward's size (elements of its inputs)
-        self.streaming_bytes = 0  # charged for copies that are not kept: in flight or in use
-        self.kept_bytes = 0       # charged for copies kept between forwards (what eviction frees)
         self.makes_copies = False
+        self.groups: list[Group] = []       # every part's groups, in definition order
+        self.crossings: Crossings | None = None  # activations between parts (a split model only)
 
     # -- sizes ------------------------------------------------------------------------------
-    def measure(self) -> None:
-        self.max_group_need = max((g.need for g in self.groups), default=0)
-        self.window_bytes = self.max_group_need * (self.config.prefetch + 1)
+    def measure_all(self) -> None:
+        for part in self.parts:
+            part.measure()
         self.makes_copies = any(not g.static for g in self.groups)
 
-    def device_resident(self) -> int:
-        return sum(g.base_charge[1] for g in self.groups if g.base_charge and g.base_charge[0] == self.budget_key)
-
-    def check_cap(self) -> None:
-        """A cap that cannot hold the largest group (beside what rests on the device) fails
-        before any work."""
-        if not self.cap_bytes or not self.groups:
-            return
-        largest = max(self.groups, key=lambda g: g.need)
-        resident = self.device_resident()
-        if largest.need + resident > self.cap_bytes:
-            what = (f"group {largest.name!r} needs {largest.need / GIB:.4f} GiB"
-                    + (f" on top of {resident / GIB:.4f} GiB of weights resident there" if resident else ""))
-            raise ValueError(f"vram_limit={self.config.vram_limit} GiB is too small for {self.name}: {what} "
-                             f"on {self.config.budget_device}. Raise vram_limit, use an fp8 preparing "
-                             f"dtype, or vram_limit=0 to stream every group with no cap.")
+    def check_caps(self) -> None:
+        for part in self.parts:
+            part.check_cap()
 
     # -- scratch for bulk conversions ------------------------------------------------------
     def scratch(self) -> Arena:
@@ -154,15 +180,16 @@ class ManagedModel:
         else:
             nbytes = sum(e.numel * d.itemsize for e, d in zip(group.entries, dtypes))
             fits = True
-            if self.cap_bytes is not None and device_name(placement.device) == self.budget_key:
+            part = group.part
+            if part.cap_bytes is not None and device_name(placement.device) == part.budget_key:
                 with manager.lock:
-                    fits = manager.make_room(self.budget_key, nbytes, self, headroom=self.window_bytes)
+                    fits = manager.make_room(part.budget_key, nbytes, part, headroom=part.window_bytes)
             if fits:
                 landing = group.land_base(dtypes, params)
                 # A resident base is used without hooks (static): the stream that onloads
                 # the model, the one that runs it, is ordered after the copy here.
-                self.mover.wait(landing.event)
-                group.set_base(landing, charge=(self.budget_key, nbytes))
+                part.mover.wait(landing.event)
+                group.set_base(landing, charge=(part.budget_key, nbytes))
             elif group.base is None and params is not None:
                 group.set_base(group.host_copy(offload_dtypes, params, self.scratch))
             else:
@@ -182,9 +209,10 @@ class ManagedModel:
             self.rest(group, state.value)
         self.drop_scratch()
         # What the last phase left in the allocator's cache would count against the next.
-        self.mover.empty_cache()
+        for part in self.parts:
+            part.mover.empty_cache()
         self.state = state
-        self.measure()
+        self.measure_all()
 
     # -- run reports -----------------------------------------------------------------------
     def _run_start(self, module, args, kwargs):
@@ -193,12 +221,18 @@ class ManagedModel:
             if self._runs > 1:
                 return None
         self.schedule.start()
+        if self.crossings is not None:
+            self.crossings.start()
         manager = get_manager()
-        manager.expect_job(self, job_size(args, kwargs))
-        memory = self.mover.memory()
-        self._run_marks = {"t0": time.perf_counter(), "ledger0": manager.resident_bytes(self.budget_key),
-                           "alloc0": memory.allocated if memory else None, "peaks": self.mover.peaks(),
-                           "ledger": manager.peak_scope(self.budget_key)}
+        size = job_size(args, kwargs)
+        marks = {"t0": time.perf_counter()}
+        for part in self.parts:
+            manager.expect_job(part, size)
+            memory = part.mover.memory()
+            marks[part.name] = {"ledger0": manager.resident_bytes(part.budget_key),
+                                "alloc0": memory.allocated if memory else None, "peaks": part.mover.peaks(),
+                                "ledger": manager.peak_scope(part.budget_key)}
+        self._run_marks = marks
         return None
 
     def _run_end(self, module, args, kwargs, output):
@@ -209,25 +243,30 @@ class ManagedModel:
             if self._runs:
                 return None
         self.schedule.finish()
+        if self.crossings is not None:
+            self.crossings.finish()
         manager = get_manager()
-        marks = self._run_marks
-        ledger_peak = marks["ledger"].close()
-        peak_reserved = activations = None
-        peaks = marks["peaks"].close()
-        if peaks is not None and marks["alloc0"] is not None:
-            peak_allocated, peak_reserved = peaks
-            # Charged but not yet allocated (a prefetch whose copy is still to be issued) is
-            # not memory outside the ledger.
-            outside_at_start = max(0, marks["alloc0"] - marks["ledger0"])
-            activations = max(0, peak_allocated - outside_at_start - ledger_peak)
-            manager.note_activations(self, activations)
+        seconds = time.perf_counter() - self._run_marks["t0"]
+        for part in self.parts:
+            marks = self._run_marks[part.name]
+            ledger_peak = marks["ledger"].close()
+            peak_reserved = activations = None
+            peaks = marks["peaks"].close()
+            if peaks is not None and marks["alloc0"] is not None:
+                peak_allocated, peak_reserved = peaks
+                # Charged but not yet allocated (a prefetch whose copy is still to be issued)
+                # is not memory outside the ledger.
+                outside_at_start = max(0, marks["alloc0"] - marks["ledger0"])
+                activations = max(0, peak_allocated - outside_at_start - ledger_peak)
+                manager.note_activations(part, activations)
+            limit = self.config.vram_limit if part.cap_bytes is None or part is self else part.cap_bytes / GIB
+            manager.add_report(RunReport(part.name, part.budget_key, part.cap_bytes, peak_reserved, ledger_peak,
+                                         activations, seconds, limit))
         if self.host_computes and self.makes_copies:
             # Casts below glibc's mmap threshold come and go from the heap; hand what they
             # freed back after each forward so RAM does not creep up run by run.
             _trim_heap()
         self.runs_done += 1
-        manager.add_report(RunReport(self.name, self.budget_key, self.cap_bytes, peak_reserved, ledger_peak,
-                                     activations, time.perf_counter() - marks["t0"], self.config.vram_limit))
         return None
 
     # -- views -------------------------------------------------------------------------------
@@ -248,6 +287,9 @@ class ManagedModel:
             "stored_bytes": stored, "largest_group_bytes": self.max_group_need,
             "window_bytes": self.window_bytes, "cap_bytes": self.cap_bytes, "runs": self.runs_done,
             "granularity": self.config.granularity,
+            "devices": {part.budget_key: {"groups": len(part.part_groups), "cap_bytes": part.cap_bytes,
+                                          "largest_group_bytes": part.max_group_need,
+                                          "window_bytes": part.window_bytes} for part in self.parts},
         }
 
     def group_states(self) -> dict[str, str]:
@@ -255,9 +297,10 @@ class ManagedModel:
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes this model holds now, per ledger device."""
+        names = {part.name for part in self.parts}
         out: dict[str, int] = {}
         for (device, model, _group, _kind), nbytes in get_manager().ledger().items():
-            if model == self.name:
+            if model in names:
                 out[device] = out.get(device, 0) + nbytes
         return out
 
@@ -296,10 +339,11 @@ def _guarded_apply(module: torch.nn.Module, fn, recurse: bool = True):
 
 
 def enable_vram_management(model: torch.nn.Module, vram_config: VramConfig | Mapping[str, Any], *,
-                           vram_limit: float | None = None,
+                           vram_limit: float | Mapping[str, float | None] | None = None,
                            weights: str | os.PathLike | Sequence[str | os.PathLike] | WeightSource | None = None,
                            name: str | None = None,
-                           keep_fp32: Sequence[str] | None = None) -> torch.nn.Module:
+                           keep_fp32: Sequence[str] | None = None,
+                           device_map: Mapping[str, str | torch.device] | None = None) -> torch.nn.Module:
     """Put ``model`` under VRAM management and return it (``vram.managed(model)`` is the
     core's record of it).
 
@@ -312,12 +356,25 @@ def enable_vram_management(model: torch.nn.Module, vram_config: VramConfig | Map
     ``_keep_in_fp32_modules`` (diffusers' rule; transformers applies that list to float16
     only, so its loaders pass their own). The model starts in the offload state; call
     ``vram.onload(model)`` before the phase that uses it.
+
+    ``device_map`` splits the model over several accelerators of one kind (CUDA GPUs, or
+    stand-ins): module name -> device, e.g. ``{"single_transformer_blocks": "cuda:1"}``; a
+    group computes on the device of the closest module above it that the map names, else on
+    the config's. Each device has its own part: its own ledger, cap and run report, weights
+    staged there by its own mover; activations cross to a group's device at its entry (each
+    tensor once per forward) and the output comes back to the config's device. With a
+    ``device_map``, ``vram_limit`` may give one figure per device (``{"cuda:0": 10,
+    "cuda:1": 22}``; a device left out has no cap), or one for all.
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if getattr(model, _MANAGED_ATTR, None) is not None:
         raise ValueError(f"{type(model).__name__} is already under VRAM management; "
                          f"call vram.disable_vram_management(model) first")
+    limits = vram_limit if isinstance(vram_limit, Mapping) else None
+    if limits is not None:
+        home = VramConfig.coerce(vram_config).computation.device
+        vram_limit = next((v for k, v in limits.items() if parse_device(k, "vram_limit") == home), None)
     config = VramConfig.coerce(vram_config, vram_limit)
     source = weights if isinstance(weights, WeightSource) or weights is None else WeightSource(weights)
     if config.uses_disk and source is None:
@@ -325,16 +382,61 @@ def enable_vram_management(model: torch.nn.Module, vram_config: VramConfig | Map
     if source is None and has_meta_parameters(model):
         raise ValueError("model has parameters on the meta device; pass weights= to bind them to their files")
 
+    placement, caps = _check_device_map(device_map, limits, config)
     manager = get_manager()
     record = ManagedModel(model, config, source, name or type(model).__name__)
     record.name = manager.register(record)
     try:
-        _bind(record, model, config, source, keep_fp32)
+        _bind(record, model, config, source, keep_fp32, placement, caps)
     except BaseException:
         _teardown(record)
-        manager.unregister(record)
+        for part in record.parts:
+            manager.unregister(part)
         raise
     return model
+
+
+def _check_device_map(device_map, limits: Mapping[str, Any] | None, config: VramConfig):
+    """(device_map with parsed devices, per-device caps in bytes) or (None, None)."""
+    if device_map is None:
+        if limits is not None:
+            raise ValueError("vram_limit: one GiB figure per device needs a device_map (a model on one device "
+                             "takes one number)")
+        return None, None
+    if not isinstance(device_map, Mapping) or not device_map:
+        raise ValueError(f"device_map must map module names to devices, got {device_map!r}")
+    home = config.computation.device
+    if is_host(home):
+        raise ValueError("device_map: the model computes on the CPU; split models compute on accelerators")
+    placement = {}
+    for key, value in device_map.items():
+        device = parse_device(value, f"device_map[{key!r}]")
+        if device is None or is_host(device) or is_standin(device) != is_standin(home) or device.type != home.type:
+            raise ValueError(f"device_map[{key!r}]: {value!r} is not an accelerator of the model's kind "
+                             f"({device_name(home)}); a split model's groups compute on devices like its own")
+        placement[str(key)] = device
+    caps: dict[str, int | None] = {}
+    for key, value in (limits or {}).items():
+        device = parse_device(key, "vram_limit")
+        if device is None or is_host(device):
+            raise ValueError(f"vram_limit: {key!r} is not an accelerator")
+        caps[device_name(device)] = _limit_bytes(value, f"vram_limit[{key!r}]")
+    used = {device_name(d) for d in placement.values()} | {device_name(home)}
+    stray = sorted(set(caps) - used)
+    if stray:
+        raise ValueError(f"vram_limit: {', '.join(stray)} run(s) no group of this model; it uses "
+                         f"{', '.join(sorted(used))}")
+    if config.vram_limit is not None and limits is None:
+        caps = dict.fromkeys(used, _limit_bytes(config.vram_limit, "vram_limit"))
+    return placement, caps
+
+
+def _limit_bytes(value: Any, field_name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{field_name}: must be GiB >= 0 (0: stream every group), got {value!r}")
+    return int(value * GIB) or None
 
 
 def _entries(model: torch.nn.Module, config: VramConfig, source: WeightSource | None,
@@ -407,7 +509,43 @@ def _make_group(record: ManagedModel, plan: GroupPlan, entries: dict[int, Entry]
     group = Group(record, plan.name, [m for _, m in plan.roots], group_entries, installs,
                   [n for n, _ in plan.members])
     group.block = plan.block
+    group.part = next(part for part in record.parts if part.device == group.device)
     return group, params
+
+
+def _place(plans: list[GroupPlan], device_map: Mapping[str, torch.device], home: torch.device) -> list[torch.device]:
+    """The device of each group: the ``device_map`` entry naming its root module or the
+    closest module above it (keys are module names, as ``named_modules`` gives them), else
+    the model's own computation device."""
+    used: set[str] = set()
+    out = []
+    for plan in plans:
+        device = home
+        for root, _ in plan.roots:
+            parts = root.split(".")
+            for n in range(len(parts), -1, -1):
+                key = ".".join(parts[:n])
+                if key in device_map:
+                    device = device_map[key]
+                    used.add(key)
+                    break
+        out.append(device)
+    unused = [key for key in device_map if key not in used]
+    if unused:
+        raise ValueError(f"device_map: {', '.join(map(repr, unused[:5]))} name(s) no group's module or a module "
+                         f"above one; use module names as model.named_modules() gives them, e.g. "
+                         f"{plans[len(plans) // 2].roots[0][0]!r}")
+    return out
+
+
+def _move_entries(plan: GroupPlan, entries: dict[int, Entry], device: torch.device) -> None:
+    """The parameters of one group computing on ``device`` instead of the model's device."""
+    for _, module in plan.members:
+        for param in module._parameters.values():
+            if param is not None:
+                entry = entries[id(param)]
+                entry.config = entry.config.on_device(device)
+                entry.placeholder = make_placeholder(entry.shape, entry.config.computation)
 
 
 def _expected_need(group: Group, state: str) -> int:
@@ -429,23 +567,42 @@ def _count_pin_failure() -> None:
 
 
 def _bind(record: ManagedModel, model: torch.nn.Module, config: VramConfig, source: WeightSource | None,
-          keep_fp32: Sequence[str] | None) -> None:
+          keep_fp32: Sequence[str] | None, device_map: Mapping[str, torch.device] | None = None,
+          caps: Mapping[str, int | None] | None = None) -> None:
     entries = _entries(model, config, source, keep_fp32)
     plans = plan_groups(model, config.granularity)
+    module_devices: dict[str, torch.device] = {}
+    if device_map:
+        devices = _place(plans, device_map, config.computation.device)
+        manager = get_manager()
+        for device in dict.fromkeys(devices):
+            if device != config.computation.device:
+                key = device_name(device)
+                part = Part(record, device, (caps or {}).get(key), f"{record.name}@{key}")
+                part.name = manager.register(part)
+                record.parts.append(part)
+        for plan, device in zip(plans, devices):
+            if device != config.computation.device:
+                _move_entries(plan, entries, device)
+            module_devices.update(dict.fromkeys((name for name, _ in plan.members), device))
+        record.crossings = Crossings(record)
     made = [_make_group(record, plan, entries) for plan in plans]
-    if record.cap_bytes:
+    if any(part.cap_bytes for part in record.parts):
         # A block larger than the cap streams leaf by leaf.
         resplit = []
         for plan, (group, params) in zip(plans, made):
             need = max(_expected_need(group, "offload"), _expected_need(group, "onload"))
-            if plan.block and len(plan.members) > 1 and need > record.cap_bytes:
-                log.info("%s: block %r needs %.4f GiB, more than vram_limit=%s GiB: streamed leaf by leaf",
-                         record.name, plan.name, need / GIB, config.vram_limit)
+            cap = group.part.cap_bytes
+            if cap and plan.block and len(plan.members) > 1 and need > cap:
+                log.info("%s: block %r needs %.4f GiB, more than vram_limit=%.4g GiB on %s: streamed leaf by leaf",
+                         record.name, plan.name, need / GIB, cap / GIB, group.part.budget_key)
                 resplit.extend(_make_group(record, leaf, entries) for leaf in split(plan))
             else:
                 resplit.append((group, params))
         made = resplit
     record.groups = [group for group, _ in made]
+    for part in record.parts:
+        part.part_groups = [group for group in record.groups if group.part is part]
     record.entries = list(entries.values())
     if source is not None:
         largest = max(g.file_layout.nbytes for g in record.groups) if record.groups else 0
@@ -458,10 +615,11 @@ def _bind(record: ManagedModel, model: torch.nn.Module, config: VramConfig, sour
         record.prep_pool = ArenaPool(max((g.prep_layout.nbytes for g in record.groups), default=0),
                                      pin=False, keep=config.prefetch + 1, wait=record.mover.host_done)
 
-    _bind_buffers(model, config, source)
-    largest_need = max((max(_expected_need(g, "offload"), _expected_need(g, "onload")) for g in record.groups),
-                       default=0)
-    record.window_bytes = largest_need * (config.prefetch + 1)
+    _bind_buffers(model, config, source, module_devices)
+    for part in record.parts:
+        largest_need = max((max(_expected_need(g, "offload"), _expected_need(g, "onload")) for g in part.part_groups),
+                           default=0)
+        part.window_bytes = largest_need * (config.prefetch + 1)
 
     # Bases at the offload placement, one group at a time so peak RAM stays one group above
     # the result; the model's own tensors go as soon as the placeholders are in.
@@ -470,11 +628,11 @@ def _bind(record: ManagedModel, model: torch.nn.Module, config: VramConfig, sour
         record.rest(group, "offload", use)
         del params[:]
     record.drop_scratch()
-    record.measure()
-    record.check_cap()
+    record.measure_all()
+    record.check_caps()
 
     record.schedule = Schedule(record.groups, config.prefetch)
-    record.hooks = [GroupHooks(group, record.schedule) for group in record.groups]
+    record.hooks = [GroupHooks(group, record.schedule, record.crossings) for group in record.groups]
     for group in record.groups:
         for module_name in group.modules:
             module = model.get_submodule(module_name)
@@ -484,6 +642,8 @@ def _bind(record: ManagedModel, model: torch.nn.Module, config: VramConfig, sour
         model.register_forward_pre_hook(record._run_start, prepend=True, with_kwargs=True),
         model.register_forward_hook(record._run_end, always_call=True, with_kwargs=True),
     ]
+    if record.crossings is not None:  # the output comes back to the model's own device, before the report
+        record._handles.append(model.register_forward_hook(record.crossings.returning, prepend=True))
     object.__setattr__(model, _MANAGED_ATTR, record)
     summary = record.summary()
     log.info("%s under VRAM management: %d groups (%d blocks), %s; computation %s, vram_limit %s GiB, prefetch %d",
@@ -492,13 +652,14 @@ def _bind(record: ManagedModel, model: torch.nn.Module, config: VramConfig, sour
              config.computation, config.vram_limit, config.prefetch)
 
 
-def _bind_buffers(model: torch.nn.Module, config: VramConfig, source: WeightSource | None) -> None:
-    """Buffers stay plain tensors, moved to the computation device in the dtype the model
-    built them with (libraries differ on which buffers stay float32, e.g. rotary tables, so
-    the builder decides; ``model.to(dtype)`` still converts them). Persistent buffers present
-    in the weights take the file's values."""
-    device = config.computation.device
+def _bind_buffers(model: torch.nn.Module, config: VramConfig, source: WeightSource | None,
+                  module_devices: Mapping[str, torch.device] | None = None) -> None:
+    """Buffers stay plain tensors, moved to the computation device (their group's, in a
+    split model) in the dtype the model built them with (libraries differ on which buffers
+    stay float32, e.g. rotary tables, so the builder decides; ``model.to(dtype)`` still
+    converts them). Persistent buffers present in the weights take the file's values."""
     for module_name, module in model.named_modules():
+        device = (module_devices or {}).get(module_name, config.computation.device)
         for buffer_name, buffer in list(module._buffers.items()):
             if buffer is None:
                 continue
@@ -565,7 +726,8 @@ def _teardown(record: ManagedModel) -> None:
     """Free every copy the core holds for a model: reads in flight waited for first."""
     for group in record.groups:
         group.settle()
-    record.mover.synchronize()
+    for part in record.parts:
+        part.mover.synchronize()
     with get_manager().lock:
         for group in record.groups:
             group.free()
@@ -593,7 +755,9 @@ def _unhook(model: torch.nn.Module, what: str) -> ManagedModel:
 
 
 def _forget(model: torch.nn.Module, record: ManagedModel) -> None:
-    get_manager().unregister(record)
+    manager = get_manager()
+    for part in reversed(record.parts):
+        manager.unregister(part)
     object.__delattr__(model, _MANAGED_ATTR)
 
 

@@ -88,6 +88,11 @@ class Mover:
         cast there to its dtype in ``targets`` (times its entry in ``factors``)."""
         raise NotImplementedError
 
+    def move(self, tensor: torch.Tensor) -> torch.Tensor:
+        """An activation from another device of this kind, on this one, ready for the current
+        stream to use (a split model's groups hand theirs across)."""
+        return tensor.to(self.device, non_blocking=True)  # CUDA orders a copy between devices
+
     def wait(self, event) -> None:
         """Make the current stream wait for ``event`` (None: nothing to wait for)."""
 

@@ -22,6 +22,8 @@ class Counters:
     sync_copies: int = 0          # host -> accelerator copies that blocked the host (pageable)
     pin_failures: int = 0         # arenas the driver refused to page-lock (they stay pageable)
     preadv_calls: int = 0         # disk reads: one per run of adjacent tensors in a file
+    activation_moves: int = 0     # tensors a split model carried to another device
+    activation_bytes: int = 0
 
 
 @dataclass

@@ -24,8 +24,12 @@ answer or an error instead:
   Activations are ordinary CPU tensors the stand-in cannot see: its ``memory()`` is the
   weights the core copied, no more.
 
-One engine serves the process (``engine()``), as one GPU serves all of a process's models;
-``configure``/``configured`` change its bandwidth and latency.
+One engine per stand-in device serves the process (``engine()`` for "standin",
+``engine(standin_device(1))`` for "standin:1", ...), as one GPU serves all of a process's
+models; each has its own copy stream, allocator and cap, and they share one pinning registry
+(pinned host memory serves every GPU). ``configure``/``configured`` change the bandwidth and
+latency of every engine, and of those made later. ``StandIn.move`` carries an activation from
+one stand-in to another through the destination's copy stream, NaN until it lands.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import torch
 
 from .arena import Layout, Pinner
 from .casting import copy_cast
-from .config import STANDIN
+from .config import STANDIN, device_name, is_standin
 from .mover import DeviceMemory, Landing, Mover, PeakScope
 
 PCIE4_BANDWIDTH = 25e9  # bytes/s: PCIe 4.0 x16, host to device, as measured in practice
@@ -165,11 +169,14 @@ class StandIn(Mover):
     asynchronous = True
     separate = True
 
-    def __init__(self, bandwidth: float = PCIE4_BANDWIDTH, latency: float = PCIE4_LATENCY):
-        super().__init__(STANDIN)
+    def __init__(self, bandwidth: float = PCIE4_BANDWIDTH, latency: float = PCIE4_LATENCY,
+                 device: torch.device = STANDIN, pinner: StandInPinner | None = None):
+        if not is_standin(device):
+            raise ValueError(f"{device} is not a stand-in device")
+        super().__init__(device)
         self.bandwidth = bandwidth
         self.latency = latency
-        self.pinner = StandInPinner()
+        self.pinner = pinner if pinner is not None else StandInPinner()
         self.allocated = 0
         self.peak = 0
         self.cap: int | None = None
@@ -208,8 +215,8 @@ class StandIn(Mover):
             self._settle_collected()
             if self.cap is not None and self.allocated + nbytes > self.cap:
                 raise torch.OutOfMemoryError(
-                    f"stand-in accelerator: tried to allocate {nbytes} bytes with {self.allocated} of "
-                    f"{self.cap} allowed (the cap) already allocated")
+                    f"stand-in accelerator {device_name(self.device)}: tried to allocate {nbytes} bytes with "
+                    f"{self.allocated} of {self.cap} allowed (the cap) already allocated")
             self.allocated += nbytes
             if self.allocated > self.peak:
                 self.peak = self.allocated
@@ -326,6 +333,18 @@ class StandIn(Mover):
         weakref.finalize(landing, self._landing_collected, allocation)
         return landing
 
+    def move(self, tensor):
+        """Through this device's copy stream: the copy reads NaN until it lands, so a
+        consumer that did not wait would compute NaN. Activations are ordinary tensors,
+        outside the allocator (see the module docstring)."""
+        with torch.inference_mode(False):
+            target = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+        _poison(target)
+        event = StandInEvent()
+        self._enqueue(_Job(event, tensor.numel() * tensor.element_size(), tensor, target))
+        self.wait(event)
+        return target
+
     def wait(self, event) -> None:
         if event is not None:
             event.synchronize()
@@ -366,33 +385,47 @@ class StandIn(Mover):
             return len(self._live)
 
 
-_engine: StandIn | None = None
+_engines: dict[int, StandIn] = {}
 _engine_lock = threading.Lock()
+_pinner = StandInPinner()  # one registry: pinned host memory serves every device
+_settings = {"bandwidth": PCIE4_BANDWIDTH, "latency": PCIE4_LATENCY}
 
 
-def engine() -> StandIn:
-    """The process's stand-in accelerator."""
-    global _engine
+def engine(device: torch.device = STANDIN) -> StandIn:
+    """The process's stand-in accelerator ``device`` ("standin" by default)."""
+    if not is_standin(device):
+        raise ValueError(f"{device} is not a stand-in device")
     with _engine_lock:
-        if _engine is None:
-            _engine = StandIn()
-        return _engine
+        found = _engines.get(device.index)
+        if found is None:
+            found = _engines[device.index] = StandIn(device=device, pinner=_pinner, **_settings)
+        return found
+
+
+def engines() -> list[StandIn]:
+    """Every stand-in made so far."""
+    with _engine_lock:
+        return list(_engines.values())
 
 
 def configure(*, bandwidth: float | None = None, latency: float | None = None,
               pin_limit: int | None | bool = False) -> StandIn:
-    """Set the engine's bandwidth (bytes/s), latency (s) and pinnable bytes (None: any)."""
+    """Set every engine's bandwidth (bytes/s) and latency (s), now and for engines made later,
+    and the pinnable bytes (None: any). Returns the "standin" engine."""
+    if bandwidth is not None and not bandwidth > 0:
+        raise ValueError(f"bandwidth must be > 0 bytes/s, got {bandwidth!r}")
+    if latency is not None and not latency >= 0:
+        raise ValueError(f"latency must be >= 0 s, got {latency!r}")
     stand_in = engine()
-    if bandwidth is not None:
-        if not bandwidth > 0:
-            raise ValueError(f"bandwidth must be > 0 bytes/s, got {bandwidth!r}")
-        stand_in.bandwidth = float(bandwidth)
-    if latency is not None:
-        if not latency >= 0:
-            raise ValueError(f"latency must be >= 0 s, got {latency!r}")
-        stand_in.latency = float(latency)
+    with _engine_lock:
+        if bandwidth is not None:
+            _settings["bandwidth"] = float(bandwidth)
+        if latency is not None:
+            _settings["latency"] = float(latency)
+        for each in _engines.values():
+            each.bandwidth, each.latency = _settings["bandwidth"], _settings["latency"]
     if pin_limit is not False:
-        stand_in.pinner.limit = pin_limit
+        _pinner.limit = pin_limit
     return stand_in
 
 
@@ -400,14 +433,15 @@ def configure(*, bandwidth: float | None = None, latency: float | None = None,
 def configured(**settings):
     """``configure`` for the duration of a block, then the settings before it."""
     stand_in = engine()
-    before = dict(bandwidth=stand_in.bandwidth, latency=stand_in.latency, pin_limit=stand_in.pinner.limit)
+    before = dict(_settings, pin_limit=_pinner.limit)
     configure(**settings)
     try:
         yield stand_in
     finally:
-        stand_in.synchronize()
+        for each in engines():
+            each.synchronize()
         configure(**before)
 
 
 __all__ = ["PCIE4_BANDWIDTH", "PCIE4_LATENCY", "StandIn", "StandInEvent", "StandInPinner", "configure",
-           "configured", "engine"]
+           "configured", "engine", "engines"]
