@@ -121,6 +121,22 @@ def test_the_output_comes_back_when_the_last_group_computes_elsewhere(net_files)
     vram.release(model)
 
 
+def test_a_model_on_another_device_takes_and_returns_at_its_io_device(net_files):
+    """A pipeline's component placed on a second GPU: its inputs come from the pipeline's
+    execution device and its output goes back there."""
+    _, files, expected = net_files
+    on_second = cfg(("cpu", FP32), (S1, FP32), (S1, FP32))
+    model = managed_net(files, on_second, io_device=S0)
+    assert [p.budget_key for p in vram.managed(model).parts] == [S1]
+    before = moves()
+    with torch.no_grad():
+        assert torch.equal(model(*net_inputs()), expected)
+    assert moves()[0] - before[0] == 3  # t and x across, the output back
+    vram.release(model)
+    with pytest.raises(ValueError, match="io_device: 'cpu' is not a device of the model's kind"):
+        managed_net(files, on_second, io_device="cpu")
+
+
 def test_each_device_keeps_to_its_own_cap(net_files):
     """Per-device caps: each device's ledger and allocator stay under its own, the smaller
     one streams while the larger one keeps."""

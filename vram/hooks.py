@@ -17,6 +17,7 @@ import torch
 
 from .budget import get_manager
 from .config import is_standin
+from .devices import make_mover
 from .group import GroupState
 
 if TYPE_CHECKING:
@@ -46,23 +47,36 @@ class Crossings:
     """Where a split model's activations are, and their moves between its parts' devices.
 
     A tensor is where torch says it is; on the stand-ins, whose tensors are all CPU tensors,
-    it is where the group that returned it computes, and a tensor no group returned (the
-    model's inputs, what its own code computes between groups) is where the last group ran.
+    it is where the group that returned it computes, the model's inputs are at home, and a
+    tensor neither (what the model's own code computes between groups) is where the last
+    group ran.
     At a group's entry every tensor input elsewhere moves through the group's mover, once
     per forward: a tensor that every block takes (the timestep embedding, the rotary table)
     crosses once, and the next blocks on that device reuse the copy."""
 
-    def __init__(self, record: "ManagedModel"):
+    def __init__(self, record: "ManagedModel", home: torch.device):
         self.record = record
-        self.home = record.device
+        self.home = home            # where the model's inputs come from and its output goes
         self.tagged = is_standin(self.home)
+        self._home_mover = None
         self._local = threading.local()
 
-    def start(self) -> None:
+    def start(self, inputs: Any = ()) -> None:
+        """A forward begins with ``inputs`` (its arguments) at the home device."""
         local = self._local
         local.here = self.home      # where the last group ran
         local.places: dict[int, tuple[torch.Tensor, torch.device]] = {}  # stand-ins: by id
         local.copies: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.tagged:
+            self._tag(inputs, self.home)
+
+    def _tag(self, value: Any, device: torch.device) -> None:
+        places = self._local.places
+
+        def tag(tensor):
+            places[id(tensor)] = (tensor, device)
+            return tensor
+        _map_tensors(dict(value) if isinstance(value, dict) else value, tag)
 
     def finish(self) -> None:
         local = self._local
@@ -106,19 +120,24 @@ class Crossings:
     def left(self, group: "Group", output: Any) -> None:
         """A group's outputs are on its device (noted on the stand-ins)."""
         if self.tagged and hasattr(self._local, "places"):
-            places, device = self._local.places, group.device
-
-            def tag(tensor):
-                places[id(tensor)] = (tensor, device)
-                return tensor
-            _map_tensors(output if not isinstance(output, dict) else dict(output), tag)
-            self._local.here = device
+            self._tag(output, group.device)
+            self._local.here = group.device
 
     def returning(self, module, args, output):
         """The model's output, on the model's own device."""
         if not hasattr(self._local, "here"):
             return None
-        return _map_tensors(output, self._to(self.home, self.record.mover))
+        return _map_tensors(output, self._to(self.home, self._mover(self.home)))
+
+    def _mover(self, device: torch.device):
+        """The mover of ``device``: the part computing there, else (a pipeline's execution
+        device that computes none of this model's groups) one of its own."""
+        for part in self.record.parts:
+            if part.device == device:
+                return part.mover
+        if self._home_mover is None:
+            self._home_mover = make_mover(device)
+        return self._home_mover
 
 
 class GroupHooks:

@@ -222,7 +222,7 @@ class ManagedModel(Part):
                 return None
         self.schedule.start()
         if self.crossings is not None:
-            self.crossings.start()
+            self.crossings.start((args, kwargs))
         manager = get_manager()
         size = job_size(args, kwargs)
         marks = {"t0": time.perf_counter()}
@@ -343,7 +343,8 @@ def enable_vram_management(model: torch.nn.Module, vram_config: VramConfig | Map
                            weights: str | os.PathLike | Sequence[str | os.PathLike] | WeightSource | None = None,
                            name: str | None = None,
                            keep_fp32: Sequence[str] | None = None,
-                           device_map: Mapping[str, str | torch.device] | None = None) -> torch.nn.Module:
+                           device_map: Mapping[str, str | torch.device] | None = None,
+                           io_device: str | torch.device | None = None) -> torch.nn.Module:
     """Put ``model`` under VRAM management and return it (``vram.managed(model)`` is the
     core's record of it).
 
@@ -364,7 +365,9 @@ def enable_vram_management(model: torch.nn.Module, vram_config: VramConfig | Map
     staged there by its own mover; activations cross to a group's device at its entry (each
     tensor once per forward) and the output comes back to the config's device. With a
     ``device_map``, ``vram_limit`` may give one figure per device (``{"cuda:0": 10,
-    "cuda:1": 22}``; a device left out has no cap), or one for all.
+    "cuda:1": 22}``; a device left out has no cap), or one for all. ``io_device`` is where
+    the model's inputs come from and its output goes (default: the config's device): a
+    pipeline's execution device, for a component placed on another GPU.
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -383,11 +386,16 @@ def enable_vram_management(model: torch.nn.Module, vram_config: VramConfig | Map
         raise ValueError("model has parameters on the meta device; pass weights= to bind them to their files")
 
     placement, caps = _check_device_map(device_map, limits, config)
+    io = None if io_device is None else parse_device(io_device, "io_device")
+    if io_device is not None and (io is None or is_host(io) != is_host(config.computation.device)
+                                  or is_standin(io) != is_standin(config.computation.device)):
+        raise ValueError(f"io_device: {io_device!r} is not a device of the model's kind "
+                         f"({device_name(config.computation.device)})")
     manager = get_manager()
     record = ManagedModel(model, config, source, name or type(model).__name__)
     record.name = manager.register(record)
     try:
-        _bind(record, model, config, source, keep_fp32, placement, caps)
+        _bind(record, model, config, source, keep_fp32, placement, caps, io)
     except BaseException:
         _teardown(record)
         for part in record.parts:
@@ -568,7 +576,7 @@ def _count_pin_failure() -> None:
 
 def _bind(record: ManagedModel, model: torch.nn.Module, config: VramConfig, source: WeightSource | None,
           keep_fp32: Sequence[str] | None, device_map: Mapping[str, torch.device] | None = None,
-          caps: Mapping[str, int | None] | None = None) -> None:
+          caps: Mapping[str, int | None] | None = None, io_device: torch.device | None = None) -> None:
     entries = _entries(model, config, source, keep_fp32)
     plans = plan_groups(model, config.granularity)
     module_devices: dict[str, torch.device] = {}
@@ -585,7 +593,8 @@ def _bind(record: ManagedModel, model: torch.nn.Module, config: VramConfig, sour
             if device != config.computation.device:
                 _move_entries(plan, entries, device)
             module_devices.update(dict.fromkeys((name for name, _ in plan.members), device))
-        record.crossings = Crossings(record)
+    if device_map or (io_device is not None and io_device != config.computation.device):
+        record.crossings = Crossings(record, io_device or config.computation.device)
     made = [_make_group(record, plan, entries) for plan in plans]
     if any(part.cap_bytes for part in record.parts):
         # A block larger than the cap streams leaf by leaf.
