@@ -235,9 +235,31 @@ def checkpoint_key_renamer(model: torch.nn.Module):
     return rename
 
 
+def split_map(model: torch.nn.Module, granularity: str, runs) -> dict[str, str]:
+    """A core ``device_map`` from ``runs``, (device, number of blocks) pairs: the model's
+    repeated blocks in order, the first n on the first device, and so on (the last run takes
+    what is left); the rest of the model stays on its config's device."""
+    from vram.grouping import plan_groups
+    blocks = [plan.name for plan in plan_groups(model, granularity) if plan.block]
+    if not blocks:
+        raise ModelFilesError(f"{type(model).__name__} has no repeated blocks to split over devices")
+    out: dict[str, str] = {}
+    start = 0
+    for i, (device, count) in enumerate(runs):
+        if not (isinstance(count, int) and count >= 0):
+            raise ValueError(f"split: {count!r} blocks on {device}: a count of blocks is a whole number >= 0")
+        end = len(blocks) if i == len(runs) - 1 else min(len(blocks), start + count)
+        out.update(dict.fromkeys(blocks[start:end], str(device)))
+        start = end
+    return out
+
+
 def load_component(folder: Path, name: str, phase: str, entry: list, config: vram.VramConfig,
-                   variant: str | None = None, label: str | None = None) -> LoadedComponent:
-    """Build component ``name`` on the meta device and put it under the core with ``config``."""
+                   variant: str | None = None, label: str | None = None, *, split=None,
+                   io_device: torch.device | None = None) -> LoadedComponent:
+    """Build component ``name`` on the meta device and put it under the core with ``config``;
+    ``split`` spreads its blocks over devices (``split_map``), ``io_device`` is the
+    pipeline's execution device when the component computes elsewhere."""
     component_dir = Path(folder) / name
     cls = resolve_class(entry[0], entry[1], f"{component_dir}")
     if not is_model(cls):
@@ -250,8 +272,10 @@ def load_component(folder: Path, name: str, phase: str, entry: list, config: vra
         rename = checkpoint_key_renamer(model)
         if rename is not None:
             source.rename_keys(rename)
+        device_map = split_map(model, config.granularity, split) if split else None
         vram.enable_vram_management(model, config, weights=source, name=label or name,
-                                    keep_fp32=keep_fp32_for(model, config.computation.dtype))
+                                    keep_fp32=keep_fp32_for(model, config.computation.dtype),
+                                    device_map=device_map, io_device=io_device)
     except ValueError as error:
         source.close()
         raise ModelFilesError(f"{component_dir}: {error}") from None

@@ -16,7 +16,8 @@ from vram.config import parse_vram_limit
 
 from .auto import job_of
 from .footprint import footprint
-from .planner import GIB, Calibration, spread
+from .placement import PlacementError, plan_placement
+from .planner import GIB, Calibration
 from .probe import probe
 from .tree import decide
 
@@ -59,12 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, p in decision.predictions.items():
         vram_text = "-" if p.peak_vram_bytes is None else f"{p.peak_vram_bytes / GIB:.1f} GiB"
         print(f"{name:<12} {vram_text:>10} {p.peak_ram_bytes / GIB:>6.1f} GiB")
-    if len(hardware.gpus) > 1:
-        placement = spread(sizes, hardware.gpus)
+    if len(hardware.gpus) > 1 and decision.preset == "basic":
+        # The tree weighs multi_gpu only when basic does not fit one GPU (its explanation then
+        # has the placement or why not); here, what holding the model over all of them takes.
         print()
-        print("whole components across GPUs (a plan; runs use one GPU): " + (
-            ", ".join(f"{c} -> GPU {i}" for c, i in placement.items()) if placement
-            else "some component fits on no single GPU; use layer-level management"))
+        try:
+            placement = plan_placement(family, sizes, job, hardware.gpus, vram_limit=vram_limit)
+        except PlacementError as error:
+            print(f"over {len(hardware.gpus)} GPUs (not needed: basic fits one): {error}")
+        else:
+            print(f"over {len(hardware.gpus)} GPUs (not needed: basic fits one):")
+            print("\n".join(f"  {line}" for line in placement.describe()))
     return 0
 
 

@@ -5,6 +5,13 @@ enough RAM for the whole model -> dynamic layer-level management under ``vram_li
 enough RAM for it in fp8 (and VRAM for its largest model in fp8) -> fp8_offload; else the
 disk tier. Every branch is decided by the planner's predicted peaks against what is free, and
 the explanation lists each branch with its numbers.
+
+With two or more GPUs, a branch of its own comes between basic and model-level offload:
+``multi_gpu``, everything resident over the GPUs (``placement.plan_placement``: whole
+components balanced, the largest split into runs of blocks when no GPU holds it). It is a
+plan, not a preset file: the ``Decision`` carries it (``placement``), and a run of it that
+runs out of memory falls back to the single-GPU tree below it (``next_preset``: the preset
+after basic).
 """
 
 from __future__ import annotations
@@ -18,11 +25,17 @@ from pipelines import Family
 
 from . import files
 from .footprint import Footprint
+from .placement import Placement, PlacementError, plan_placement
 from .planner import GIB, Calibration, Job, Prediction, predict
 from .probe import Hardware
 
 # The tree's order, fastest first; a failed run falls back to the next one.
 TREE_ORDER = ("basic", "cpu_offload", "dynamic", "fp8_offload", "disk")
+MULTI_GPU = "multi_gpu"      # the tree's branch over several GPUs, after basic (no preset file)
+# Whether a multi_gpu decision can run: the core splits a model over GPUs (device_map) and
+# places components (io_device), but the pipelines and the fallback do not run a placement
+# yet. Until they do the tree prints the plan and goes on down the single-GPU branches.
+MULTI_GPU_RUNS = False
 VRAM_MARGIN = 0.5 * GIB      # left free on the GPU: CUDA context, fragmentation
 RAM_MARGIN = 0.10            # of available RAM kept for the OS and the app
 
@@ -34,6 +47,7 @@ class Decision:
     device: str
     explanation: tuple[str, ...]
     predictions: dict[str, Prediction] = field(default_factory=dict)
+    placement: Placement | None = None       # where everything goes, for ``multi_gpu``
 
     def describe(self) -> str:
         return "\n".join(self.explanation)
@@ -49,10 +63,11 @@ def _gib(n: int | float) -> str:
 
 def decide(hardware: Hardware, family: Family, footprint: Footprint, job: Job, *, baseline_ram: int = 0,
            vram_limit: float | None = None, calibration: Calibration | None = None,
-           dtype: torch.dtype | None = None) -> Decision:
+           dtype: torch.dtype | None = None, multi_gpu_runs: bool | None = None) -> Decision:
     """The preset and ``vram_limit`` for ``job`` on ``hardware``, with the reasons.
 
-    ``vram_limit`` (GiB) is the user's own cap; by default the free VRAM minus a margin."""
+    ``vram_limit`` (GiB) is the user's own cap; by default the free VRAM minus a margin.
+    ``multi_gpu_runs``: whether a ``multi_gpu`` plan may be chosen (default ``MULTI_GPU_RUNS``)."""
     available = [n for n in TREE_ORDER if n in files.list_presets()]
     gpu = max(hardware.gpus, key=lambda g: g.free_bytes) if hardware.gpus else None
     ram_budget = int(hardware.ram_available_bytes * (1 - RAM_MARGIN)) + baseline_ram
@@ -98,12 +113,46 @@ def decide(hardware: Hardware, family: Family, footprint: Footprint, job: Job, *
         if ram_ok and vram_ok:
             chosen = name
             break
+        if name == "basic" and len(hardware.gpus) > 1:
+            placement = _multi_gpu(hardware, family, footprint, job, p, ram_budget, vram_limit, calibration,
+                                   dtype or torch.bfloat16, lines)
+            if placement is not None:
+                if not (MULTI_GPU_RUNS if multi_gpu_runs is None else multi_gpu_runs):
+                    lines.append(f"  (a plan only: runs over several GPUs are not wired into the pipelines yet; "
+                                 f"on with one GPU)")
+                    continue
+                lines.append(f"-> {MULTI_GPU}")
+                # The device is the single-GPU tree's, where a fallback runs.
+                return Decision(MULTI_GPU, None, device, tuple(lines), predictions, placement)
     if chosen is None:
         chosen = "disk" if "disk" in available else available[-1]
         lines.append(f"nothing fits with margin: {chosen}, the most frugal; expect swapping or an error")
     limit = cap if files.load_preset(chosen).uses_vram_limit else None
     lines.append(f"-> {chosen}" + (f", vram_limit {limit:g} GiB" if limit is not None else ""))
     return Decision(chosen, limit, device, tuple(lines), predictions)
+
+
+def _multi_gpu(hardware: Hardware, family: Family, footprint: Footprint, job: Job, basic: Prediction,
+               ram_budget: int, vram_limit: float | None, calibration: Calibration | None, dtype: torch.dtype,
+               lines: list[str]) -> Placement | None:
+    """The ``multi_gpu`` branch: its line (and the placement's, when it fits) added to ``lines``.
+    Its RAM is basic's: weights go straight to the GPUs."""
+    head = f"{MULTI_GPU}: {len(hardware.gpus)} GPUs"
+    try:
+        placement = plan_placement(family, footprint, job, hardware.gpus, dtype=dtype, vram_limit=vram_limit,
+                                   calibration=calibration)
+    except PlacementError as error:
+        lines.append(f"{head} -> no: {error}")
+        return None
+    needs = " + ".join(f"{g.reserved_bytes / GIB:.1f}" for g in placement.gpus)
+    caps = " + ".join(f"{g.cap_bytes / GIB:g}" for g in placement.gpus)
+    ram_ok = basic.peak_ram_bytes <= ram_budget
+    lines.append(f"{head}, needs {_gib(basic.peak_ram_bytes)} RAM, {needs} GiB VRAM of {caps} GiB caps -> "
+                 + ("yes" if ram_ok else "no: not enough RAM"))
+    if not ram_ok:
+        return None
+    lines.extend(f"  {line}" for line in placement.describe())
+    return placement
 
 
 def cap_from_free(free_bytes: int) -> float:
@@ -114,8 +163,11 @@ def cap_from_free(free_bytes: int) -> float:
 
 
 def next_preset(preset: str) -> str | None:
-    """The preset to fall back to after ``preset`` ran out of memory (None after the last)."""
+    """The preset to fall back to after ``preset`` ran out of memory (None after the last);
+    after ``multi_gpu``, the single-GPU tree's next step after basic."""
     order = [n for n in TREE_ORDER if n in files.list_presets()]
+    if preset == MULTI_GPU and "basic" in order:
+        preset = "basic"
     if preset not in order:
         return order[-1] if order and preset != order[-1] else None
     index = order.index(preset)

@@ -233,3 +233,15 @@ def test_a_model_on_the_cpu_cannot_be_split(net_files):
     _, files, _ = net_files
     with pytest.raises(ValueError, match="computes on the CPU"):
         managed_net(files, cfg(("cpu", FP32), ("cpu", FP32)), device_map=SECOND_HALF)
+
+
+def test_the_loader_spreads_a_components_blocks_in_runs():
+    from pipelines.loading import split_map
+    with vram.empty_weights():
+        model = flux()
+    device_map = split_map(model, "block", [(S0, 10), (S1, 0)])
+    blocks = [name for name, _ in model.named_modules() if name.count(".") == 1 and "blocks." in name]
+    assert list(device_map) == blocks and len(blocks) == 57
+    assert set(device_map[b] for b in blocks[:10]) == {S0} and set(device_map[b] for b in blocks[10:]) == {S1}
+    with pytest.raises(ValueError, match="a count of blocks is a whole number"):
+        split_map(model, "block", [(S0, -1), (S1, 0)])
