@@ -176,9 +176,9 @@ for _base, _variant in (
 
 
 # Converted copies: the same models stored in scaled fp8 e4m3 (pipelines/convert.py), so the
-# disk tier reads half the bytes and fp8 presets cast nothing at load. Made on first use from
-# the downloaded original by ``load_pipeline`` (or beforehand:
-# ``python -m pipelines.convert KEY models/KEY-fp8``).
+# disk tier reads 0.5-0.64 of the bytes (what the casting rule keeps stays bf16) and fp8
+# presets cast nothing at load. Made on first use from the downloaded original by
+# ``load_pipeline`` (or beforehand: ``python -m pipelines.convert KEY models/KEY-fp8``).
 CONVERTED_SUFFIX = "-fp8"
 for _base in ("qwen-image", "z-image-turbo", "flux.1-dev", "flux.1-schnell", "wan2.1-t2v-14b"):
     _family = FAMILIES[_base]
@@ -189,7 +189,7 @@ for _base in ("qwen-image", "z-image-turbo", "flux.1-dev", "flux.1-schnell", "wa
         _family, key=_key, title=f"{_family.title}, fp8 e4m3", modelscope_id=None, huggingface_id=None,
         variant=None, converted_from=_base, converted_dtype="float8_e4m3fn",
         description=f"{_family.title} converted here to scaled fp8 (made from {_base} on first use): "
-                    f"half the bytes on disk and in the disk tier's reads. {_family.description}")
+                    f"about half the bytes on disk and in the disk tier's reads. {_family.description}")
     FAMILIES = {k: FAMILIES[k] for k in _keys}
 
 
