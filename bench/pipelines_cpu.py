@@ -51,16 +51,7 @@ import sys
 import time
 from pathlib import Path
 
-# Set before diffusers/transformers are imported, here and in the workers (they inherit them).
-for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
-                      ("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error")):
-    os.environ.setdefault(_name, _value)
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-for _path in (HERE, ROOT, ROOT / "tests"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+from _setup import ROOT  # noqa: E402  (first: offline hubs, quiet libraries, paths)
 
 import torch  # noqa: E402
 
