@@ -3,3 +3,7 @@
 
 class Cancelled(RuntimeError):
     """The run was cancelled (between steps, or during a download); its memory has been released."""
+
+
+class RequestError(ValueError):
+    """A generation setting that cannot work; the message names the field."""

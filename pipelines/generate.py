@@ -45,6 +45,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fps", type=int, help="video models")
     parser.add_argument("--vae-tiling", action="store_true")
     parser.add_argument("--vae-slicing", action="store_true")
+    parser.add_argument("--attention", default="auto",
+                        help="attention backend: auto (the fastest installed that works here; native on the CPU), "
+                             "native, or a diffusers backend (flash, _flash_3, sage, xformers, ...)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the denoiser's repeated blocks (the first run compiles: minutes on big models)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="run the denoiser's and the VAE's 2-D convolutions in the channels_last memory format")
+    parser.add_argument("--cache", default="off",
+                        help="a diffusers step cache: off, first_block[:threshold], mag[:threshold] (FLUX.1), "
+                             "taylorseer[:interval]; FLUX.1, Qwen-Image and Wan only")
     parser.add_argument("--source", default="modelscope", choices=SOURCES)
     parser.add_argument("--models-dir", help="where downloads go (default: $LOWVRAM_MODELS_DIR or ./models)")
     parser.add_argument("--device", help="computation device (default: cuda if present, else cpu)")
@@ -78,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
         steps=args.steps, guidance=args.guidance, seed=args.seed, batch=args.batch, frames=args.frames,
-        fps=args.fps, vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing)
+        fps=args.fps, vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing, attention=args.attention,
+        compile=args.compile, channels_last=args.channels_last, cache=args.cache)
     try:
         _, family = locate(args.model, args.models_dir)
         request.resolved(family, None)  # bad settings fail before any loading

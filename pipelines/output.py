@@ -1,4 +1,5 @@
-"""Writing results: PNG with the generation settings in its metadata, mp4 for videos.
+"""Writing results: PNG with the generation settings in its metadata (the speed settings
+as they ran among them), mp4 for videos.
 
 ``out`` is a file name (``cat.png``, ``clip.mp4``; a batch adds ``_1``, ``_2``...) or a
 folder (names from the model, seed and time). Existing files are never overwritten: a
@@ -57,6 +58,8 @@ def _write_png(image: np.ndarray, path: Path, settings: dict) -> None:
     for key in ("prompt", "negative_prompt", "model", "seed", "steps", "guidance", "width", "height"):
         if key in settings:
             info.add_text(key, str(settings[key]))
+    if "speed" in settings:  # the speed settings as the run used them (attention "auto" resolved)
+        info.add_text("speed", json.dumps(settings["speed"], default=str))
     to_pil(image).save(path, pnginfo=info)
 
 

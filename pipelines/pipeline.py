@@ -34,6 +34,7 @@ from .registry import Family, get_family
 from .request import GenerationRequest, RequestError
 from .errors import Cancelled
 from .sources import is_local, locate, resolve_model
+from .speed import Speed, SpeedReport
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class RunSummary:
     within_cap: bool | None
     bytes_to_device: int
     bytes_read_from_disk: int
+    speed: SpeedReport = field(default_factory=SpeedReport)   # the speed settings as they ran
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -89,7 +91,8 @@ class RunSummary:
         return (f"peak VRAM {vram_text} ({cap}{verdict}); peak RAM {self.peak_ram_bytes / gib:.2f} GiB\n"
                 f"time {self.seconds:.2f} s: {phases}; {self.steps} steps, {per_step}\n"
                 f"moved to device {self.bytes_to_device / gib:.2f} GiB, read from disk "
-                f"{self.bytes_read_from_disk / gib:.2f} GiB")
+                f"{self.bytes_read_from_disk / gib:.2f} GiB\n"
+                f"speed: {self.speed.describe()}")
 
 
 @dataclass
@@ -170,6 +173,10 @@ class ManagedPipeline:
         self._lock = threading.Lock()    # one generation at a time per pipeline
         self._handles = []
         self._install_phase_hooks()
+        denoisers = family.components_in("denoising")
+        self.speed = Speed(family, [components[n].module for n in denoisers], components["vae"].module,
+                           self.computation_device, components[denoisers[0]].config.computation.dtype,
+                           lambda model: vram.managed(model).groups)
 
     # -- phases ----------------------------------------------------------------------------------
     def _install_phase_hooks(self) -> None:
@@ -254,6 +261,7 @@ class ManagedPipeline:
         call.update(extra)
         run = _Run(on_event, cancel, request.steps)
         call["callback_on_step_end"] = self._step_callback(run)
+        self.speed.begin(request)
 
         manager = vram.get_manager()
         counters0 = dataclasses.replace(manager.counters)
@@ -277,8 +285,10 @@ class ManagedPipeline:
         finally:
             self._run = None
             device_peaks = peaks.close()
+            speed = self.speed.end()
         self.offload_all()
         summary = self._summary(run, request, manager, counters0, reports0, device, device_peaks)
+        summary.speed = speed
         run.emit("run_end")
         images = videos = None
         if self.family.kind == "video":
@@ -286,7 +296,7 @@ class ManagedPipeline:
         else:
             images = np.asarray(output.images, dtype=np.float32)
         settings = {"model": self.family.key, "pipeline": self.family.pipeline_class,
-                    **request.as_metadata(), "configs": self.describe_configs()}
+                    **request.as_metadata(), "configs": self.describe_configs(), "speed": speed.as_dict()}
         return Result(self.family, request, images, videos, summary, settings)
 
     def _release(self) -> None:
@@ -382,6 +392,7 @@ class ManagedPipeline:
         if self.pipe is None:
             return
         self.offload_all()
+        self.speed.close()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

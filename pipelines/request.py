@@ -7,6 +7,8 @@ import random
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from . import speed
+from .errors import RequestError
 from .registry import Family
 
 MAX_PROMPT_CHARS = 10_000
@@ -16,10 +18,6 @@ MAX_FRAMES = 1025
 # Guidance scales in use run from 0 (distilled models) to about 10 (CFG) and 3.5 (FLUX's
 # embedded guidance); past 30 images only burn out, and huge values overflow to NaN.
 MAX_GUIDANCE = 30.0
-
-
-class RequestError(ValueError):
-    """A generation setting that cannot work; the message names the field."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +36,13 @@ class GenerationRequest:
     fps: int | None = None             # video models only
     vae_tiling: bool = False
     vae_slicing: bool = False
+    # Speed settings (pipelines/speed.py): attention backend ("auto": the fastest that works
+    # here), regional compilation of the denoiser's blocks, channels_last convolutions, and a
+    # diffusers step cache ("off", or "first_block:0.12", "mag:0.06", "taylorseer:5").
+    attention: str = "auto"
+    compile: bool = False
+    channels_last: bool = False
+    cache: str = "off"
 
     def resolved(self, family: Family, size_multiple: int | None = None) -> "GenerationRequest":
         """This request with defaults filled in and every field checked; RequestError names
@@ -56,7 +61,8 @@ class GenerationRequest:
             fps=(self.fps if self.fps is not None else family.fps) if video else self.fps,
         )
         request._check(family, size_multiple or family.size_multiple)
-        return request
+        return replace(request, attention=speed.check_attention(request.attention),
+                       cache=speed.check_cache(request.cache, family))
 
     def _check(self, family: Family, multiple: int) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -95,6 +101,9 @@ class GenerationRequest:
                 raise RequestError(f"fps: must be a whole number from 1 to 120, got {self.fps!r}")
         elif self.frames not in (None, 1):
             raise RequestError(f"frames: {family.title} makes images, not videos")
+        for name in ("compile", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise RequestError(f"{name}: must be true or false, got {getattr(self, name)!r}")
 
     def as_metadata(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -71,7 +71,8 @@ def job_of(family, request: GenerationRequest) -> Job:
     guidance = request.guidance if request.guidance is not None else d.get("guidance", 0.0)
     frames = request.frames or (d.get("frames", 81) if family.kind == "video" else 1)
     return Job(request.width or d.get("width", 1024), request.height or d.get("height", 1024), frames,
-               request.batch, cfg=family.guidance_is_cfg and guidance > 1, vae_tiling=request.vae_tiling)
+               request.batch, cfg=family.guidance_is_cfg and guidance > 1, vae_tiling=request.vae_tiling,
+               cache=request.cache or "off", compile=bool(request.compile))
 
 
 def usable_hardware(folder: str | Path | None = None, *, nvml=None) -> Hardware:

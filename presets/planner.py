@@ -16,7 +16,10 @@ The model of memory follows what the core does (see vram/):
 * fp8 storage applies only to layers the core casts (norms, embeddings and the model's
   float32 modules keep their dtype; ``Footprint`` counts them from the checkpoint's names);
 * activations grow with tokens (latent patches, text), batch and CFG; the VAE's with pixels,
-  unless tiled.
+  unless tiled;
+* speed settings (pipelines/speed.py): a step cache keeps hidden states of the denoiser
+  between steps on the computation device (``cache_bytes``); compiling adds the compiler's
+  RAM (``COMPILE_RAM_BYTES``); attention backends and channels_last add nothing to plan.
 Peaks are per phase; RAM adds the process's own baseline. Each run's measured peaks can be
 recorded (``Calibration``) and scale later predictions for this machine.
 """
@@ -57,6 +60,19 @@ _RUNTIME_RAM = 24 * 2**20
 # guide) include it; max_memory_reserved and vram_limit do not. The tree leaves the same
 # half GiB free for it (tree.VRAM_MARGIN).
 CUDA_CONTEXT_BYTES = 512 * 2**20
+# Step caches keep denoiser hidden states (the whole sequence) between steps, one state per
+# CFG pass (diffusers keys them by cache context, "cond" and "uncond"): First Block Cache the
+# first block's output and residual and the last block's two residuals, MagCache the first
+# block's input and the last residual. TaylorSeer keeps max_order + 1 = 2 Taylor factors of
+# the output of every attention layer, about one per block.
+_CACHE_HIDDEN_STATES = {"first_block": 4, "mag": 2}
+_TAYLOR_FACTORS = 2
+# RAM that torch.compile adds to the process: dynamo's and inductor's state and the compiled
+# kernels, one graph per block class whatever the model's size (peak RSS measured 85 MiB above
+# eager on the built-in model and 80-110 MiB on a 6-block FLUX.1 layout, 2-core CPU,
+# bench/speed_cpu.py; counted here with a margin). On a GPU inductor keeps no device memory of
+# its own beyond what the compiled block's activations take (at most the eager ones).
+COMPILE_RAM_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,8 @@ class Job:
     batch: int = 1
     cfg: bool = False              # two denoiser passes per step (batched as one on diffusers)
     vae_tiling: bool = False
+    cache: str = "off"             # the request's step cache ("first_block:0.12", ...)
+    compile: bool = False          # the denoiser's blocks compiled
 
 
 @dataclass(frozen=True)
@@ -122,10 +140,25 @@ def activation_bytes(family: Family, component: ComponentSize, job: Job, compute
     width = component.width or _width_guess(component)
     if component.phase == "text_encoding":
         return _TEXT_TOKENS * width * _ACTIVATION_FACTOR * item * job.batch
-    latent_frames = 1 if family.kind == "image" else (job.frames - 1) // 4 + 1
-    tokens = (job.width // 16) * (job.height // 16) * latent_frames + _TEXT_TOKENS
     passes = 2 if job.cfg else 1
-    return tokens * width * _ACTIVATION_FACTOR * item * job.batch * passes
+    return _denoiser_tokens(family, job) * width * _ACTIVATION_FACTOR * item * job.batch * passes
+
+
+def cache_bytes(family: Family, component: ComponentSize, job: Job, compute: torch.dtype) -> int:
+    """What ``job``'s step cache keeps on the computation device for one denoiser."""
+    kind = job.cache.partition(":")[0]
+    if component.phase != "denoising" or kind not in (*_CACHE_HIDDEN_STATES, "taylorseer"):
+        return 0
+    width = component.width or _width_guess(component)
+    states = _CACHE_HIDDEN_STATES.get(kind) or _TAYLOR_FACTORS * max(1, component.parameters // (12 * width**2))
+    passes = 2 if job.cfg else 1
+    return _denoiser_tokens(family, job) * width * _size(compute) * states * job.batch * passes
+
+
+def _denoiser_tokens(family: Family, job: Job) -> int:
+    """The denoiser's sequence: latent patches (16 x 16 pixels each) and text tokens."""
+    latent_frames = 1 if family.kind == "image" else (job.frames - 1) // 4 + 1
+    return (job.width // 16) * (job.height // 16) * latent_frames + _TEXT_TOKENS
 
 
 def _width_guess(component: ComponentSize) -> int:
@@ -227,7 +260,9 @@ def _phase_bytes(family: Family, component: ComponentSize, cfg: PlanConfig, job:
     """Bytes while ``component``'s phase runs, beyond what rests at its offload placement all
     run long."""
     compute = cfg.computation.dtype
-    acts = activation_bytes(family, component, job, compute)
+    # A step cache's states are live activations to the planner: on the device all phase long.
+    acts = activation_bytes(family, component, job, compute) + cache_bytes(family, component, job, compute)
+    compiler = COMPILE_RAM_BYTES if job.compile and component.phase == "denoising" else 0
     # The streaming unit is a group (one block); before a download, about 1/40 of a model.
     largest = component.largest_group or component.largest_tensor or component.parameters // 40
     # Onloading moves the weights unless they already rest there (then they are counted once).
@@ -235,14 +270,14 @@ def _phase_bytes(family: Family, component: ComponentSize, cfg: PlanConfig, job:
     if cfg.onload == cfg.computation:
         # Onloaded whole in the computation dtype (basic, model-level offload): plain forwards.
         device = (stored_bytes(component, compute, compute) if moved else 0) + acts
-        return PhaseBytes(device, 0, device)
+        return PhaseBytes(device, compiler, device)
     if cfg.onload.where == cfg.computation.where:
         # Onloaded whole in a storage dtype (fp8): one group at a time has its castable
         # weights cast for compute (the kept ones already are in the computation dtype).
         share = component.castable_parameters / max(1, component.parameters)
         cast = int(largest * share * _size(compute))
         device = (stored_bytes(component, cfg.onload.dtype, compute) if moved else 0) + cast + acts
-        return PhaseBytes(device, 0, device)
+        return PhaseBytes(device, compiler, device)
     # Layer-level streaming from RAM or disk to the computation device.
     storage = cfg.preparing.dtype
     # The running group and `prefetch` more move in the preparing dtype; a staged copy already
@@ -269,7 +304,7 @@ def _phase_bytes(family: Family, component: ComponentSize, cfg: PlanConfig, job:
         if from_disk_on_cpu and file_item == _size(storage):
             in_flight = 0            # the read buffers are the staged copies themselves
         host = in_flight + int(cfg.ram_cache_gib * GIB)
-    return PhaseBytes(device, host, floor)
+    return PhaseBytes(device, host + compiler, floor)
 
 
 class Calibration:

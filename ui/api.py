@@ -37,17 +37,22 @@ class Api:
     def generate(self, prompt: str, negative_prompt: str = "", model: str | None = None, preset: str = AUTO,
                  vram_limit: float | None = None, width: float | None = None, height: float | None = None,
                  steps: float | None = None, guidance: float | None = None, seed: float | None = None,
-                 frames: float | None = None, request: gr.Request = None,
+                 frames: float | None = None, attention: str = "auto", compile: bool = False,
+                 channels_last: bool = False, cache: str = "off", request: gr.Request = None,
                  progress=gr.Progress()) -> tuple[str, dict]:
         """Generate one image (or video) and return its file, then the memory summary: peak
         VRAM and RAM (bytes), the cap and whether it held, the predicted peaks, time per phase,
-        s/step, bytes moved to the device and read from disk. Empty settings take the model's
-        defaults; ``preset`` "auto" lets the decision tree choose; ``vram_limit`` is in GiB.
-        A client that disconnects cancels its run at the next step."""
+        s/step, bytes moved to the device and read from disk, and the speed settings as they
+        ran (``speed``: the attention backend, compiled blocks and compile seconds, ...). Empty
+        settings take the model's defaults; ``preset`` "auto" lets the decision tree choose;
+        ``vram_limit`` is in GiB. ``attention`` ("auto", "native", "flash", ...), ``compile``,
+        ``channels_last`` and ``cache`` ("off", "first_block:0.12", "mag", "taylorseer:5") are
+        the speed settings. A client that disconnects cancels its run at the next step."""
         watch = watch_event()   # Gradio does not stop a plain function whose client left
         inputs = JobInputs(prompt=prompt, model=model, negative_prompt=negative_prompt, preset=preset,
                            vram_limit=vram_limit, width=width, height=height, steps=steps, guidance=guidance,
-                           seed=seed, frames=frames)
+                           seed=seed, frames=frames, attention=attention, compile=compile,
+                           channels_last=channels_last, cache=cache)
         job = self.app.runner.submit(make_plan(self.app.session, inputs), owner=_owner(request))
         for live in self.app._follow(job, watch):
             self.app._progress(progress, live)
@@ -61,14 +66,17 @@ class Api:
     def compare(self, prompt: str, presets: list[str] | None = None, model: str | None = None,
                 negative_prompt: str = "", vram_limit: float | None = None, width: float | None = None,
                 height: float | None = None, steps: float | None = None, guidance: float | None = None,
-                seed: float | None = None, frames: float | None = None, request: gr.Request = None,
+                seed: float | None = None, frames: float | None = None, attention: str = "auto",
+                compile: bool = False, channels_last: bool = False, cache: str = "off", request: gr.Request = None,
                 progress=gr.Progress()) -> tuple[list[dict], list]:
-        """The same job under each of ``presets``, one after another (one seed for all).
-        Returns one summary per preset (as ``generate``'s), then the images with their preset
-        as caption. A client that disconnects cancels the run at its next step, and the rest."""
+        """The same job under each of ``presets``, one after another (one seed for all, the
+        same speed settings). Returns one summary per preset (as ``generate``'s), then the
+        images with their preset as caption. A client that disconnects cancels the run at its
+        next step, and the rest."""
         watch = watch_event()
         inputs = JobInputs(prompt=prompt, model=model, negative_prompt=negative_prompt, vram_limit=vram_limit,
-                           width=width, height=height, steps=steps, guidance=guidance, seed=seed, frames=frames)
+                           width=width, height=height, steps=steps, guidance=guidance, seed=seed, frames=frames,
+                           attention=attention, compile=compile, channels_last=channels_last, cache=cache)
         jobs = []
         for jobs, current in self.app._compare(inputs, presets, _owner(request), watch):
             if current is not None:
@@ -81,12 +89,15 @@ class Api:
     @user_errors
     def plan(self, model: str | None = None, preset: str = AUTO, vram_limit: float | None = None,
              width: float | None = None, height: float | None = None, steps: float | None = None,
-             guidance: float | None = None, frames: float | None = None) -> dict:
+             guidance: float | None = None, frames: float | None = None, attention: str = "auto",
+             compile: bool = False, channels_last: bool = False, cache: str = "off") -> dict:
         """What would happen, without running: this machine, the decision tree's explanation,
-        the preset and cap, every preset's predicted peaks (bytes) and the 8-key config per
-        component. Does not wait behind a generation."""
+        the preset and cap, every preset's predicted peaks (bytes; a step cache's states and
+        the compiler's RAM included) and the 8-key config per component. Does not wait behind
+        a generation."""
         inputs = JobInputs(prompt="plan", model=model, preset=preset, vram_limit=vram_limit, width=width,
-                           height=height, steps=steps, guidance=guidance, frames=frames)
+                           height=height, steps=steps, guidance=guidance, frames=frames, attention=attention,
+                           compile=compile, channels_last=channels_last, cache=cache)
         plan = make_plan(self.app.session, inputs)
         return {**plan.as_dict(), "configs": self.app.session.configs_for(plan)}
 

@@ -57,6 +57,15 @@ def number(value: Any, name: str) -> float | None:
         raise RequestError(f"{name}: must be a number, got {value!r}") from None
 
 
+def flag(value: Any, name: str) -> bool:
+    """An on/off setting: a checkbox's bool; None (an API client that left it out) is off."""
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    raise RequestError(f"{name}: must be true or false, got {value!r}")
+
+
 @dataclass(frozen=True)
 class JobInputs:
     """One job as typed into the page or sent to the API (None: the model's default)."""
@@ -74,6 +83,10 @@ class JobInputs:
     frames: Any = None
     vae_tiling: bool = False
     configs: Any = None                 # the user's own configs (JSON text), with preset "custom"
+    attention: Any = "auto"             # the speed settings (pipelines/speed.py)
+    compile: Any = False
+    channels_last: Any = False
+    cache: Any = "off"
 
     def request(self) -> GenerationRequest:
         if self.prompt is not None and not isinstance(self.prompt, str):
@@ -82,7 +95,9 @@ class JobInputs:
             prompt=self.prompt or "", negative_prompt=self.negative_prompt or "",
             width=whole(self.width, "width"), height=whole(self.height, "height"),
             steps=whole(self.steps, "steps"), guidance=number(self.guidance, "guidance"),
-            seed=whole(self.seed, "seed"), frames=whole(self.frames, "frames"), vae_tiling=bool(self.vae_tiling))
+            seed=whole(self.seed, "seed"), frames=whole(self.frames, "frames"), vae_tiling=bool(self.vae_tiling),
+            attention="auto" if self.attention in (None, "") else self.attention, compile=flag(self.compile, "compile"),
+            channels_last=flag(self.channels_last, "channels_last"), cache=self.cache)
 
     def with_seed(self, seed: int) -> "JobInputs":
         return replace(self, seed=seed)

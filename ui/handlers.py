@@ -163,13 +163,15 @@ class AppHandlers:
 
     @staticmethod
     def ui_inputs(model, prompt, negative_prompt, preset, custom_on, configs_text, cap_on, vram_limit, random_seed,
-                  seed, steps, width, height, guidance, vae_tiling, frames) -> JobInputs:
+                  seed, steps, width, height, guidance, vae_tiling, frames, attention, compile_on, channels_last,
+                  cache) -> JobInputs:
         """The Generate tab's fields, in the order the layout passes them."""
         return JobInputs(prompt=prompt, model=model, negative_prompt=negative_prompt,
                          preset=CUSTOM if custom_on else (preset or AUTO), vram_limit=vram_limit if cap_on else None,
                          width=width, height=height, steps=steps, guidance=guidance,
                          seed=None if random_seed else seed, frames=frames,
-                         vae_tiling=vae_tiling, configs=configs_text if custom_on else None)
+                         vae_tiling=vae_tiling, configs=configs_text if custom_on else None, attention=attention,
+                         compile=compile_on, channels_last=channels_last, cache=cache)
 
     def plan_view(self, *fields):
         """The plan for the fields as they are: explanation, predicted peaks per preset, and

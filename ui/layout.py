@@ -14,6 +14,7 @@ import asyncio
 
 import gradio as gr
 
+from pipelines import speed
 from presets import list_presets
 
 from . import present
@@ -29,6 +30,9 @@ INTRO = ("Run big diffusion models on small machines. Pick a model and a prompt;
          "memory preset from this machine's numbers (or pick one), and the graphs show where memory goes, "
          "phase by phase, against the cap and the planner's prediction.")
 
+
+# The step caches offered in the list (any "kind:value" may be typed).
+CACHE_CHOICES = [speed.CACHE_OFF, "first_block:0.05", "first_block:0.12", "mag:0.06", "taylorseer:5"]
 
 # Gradio centres a plot's content; a Vega-Lite chart of width "container" needs the full width.
 CSS = ".vega-embed { width: 100%; }"
@@ -81,6 +85,23 @@ def build_blocks(handlers: AppHandlers) -> gr.Blocks:
                                 frames = gr.Number(d.get("frames", 81) if video0 else None, label="Frames (4k+1)",
                                                    precision=0, visible=video0)
                             vae_tiling = gr.Checkbox(False, label="VAE tiling (less memory for large images)")
+                            with gr.Accordion("Speed: attention, compile, channels_last, step cache", open=False):
+                                with gr.Row():
+                                    attention = gr.Dropdown(speed.attention_backends(), value=speed.AUTO,
+                                                            label="Attention", elem_id="attention",
+                                                            info="auto: the fastest installed kernel for this device "
+                                                                 "(native on the CPU); a UNet takes native only")
+                                    cache = gr.Dropdown(CACHE_CHOICES, value=speed.CACHE_OFF, label="Step cache",
+                                                        allow_custom_value=True, elem_id="cache",
+                                                        info="reuse work across steps (FLUX.1, Qwen-Image, Wan; mag: "
+                                                             "FLUX.1 only); faster, not exact")
+                                with gr.Row():
+                                    compile_on = gr.Checkbox(False, label="Compile", elem_id="compile",
+                                                             info="torch.compile the denoiser's repeated blocks; the "
+                                                                  "first run compiles (seconds to minutes)")
+                                    channels_last = gr.Checkbox(False, label="channels_last", elem_id="channels-last",
+                                                                info="the UNet's and the VAE's convolutions in the "
+                                                                     "channels_last memory format")
                         with gr.Accordion("Advanced: vram_limit and the 8-key config per component", open=False):
                             with gr.Row():
                                 cap_on = gr.Checkbox(False, label="Set vram_limit myself", scale=1)
@@ -112,7 +133,8 @@ def build_blocks(handlers: AppHandlers) -> gr.Blocks:
                         timeline = gr.File(label="Timeline (CSV)", elem_id="timeline")
 
             job_fields = [model, prompt, negative, preset, custom_on, configs, cap_on, vram_limit, random_seed, seed,
-                          steps, width, height, guidance, vae_tiling, frames]
+                          steps, width, height, guidance, vae_tiling, frames, attention, compile_on, channels_last,
+                          cache]
 
             # -- Compare ------------------------------------------------------------------------
             with gr.Tab("Compare", id="compare"):
@@ -150,7 +172,7 @@ def build_blocks(handlers: AppHandlers) -> gr.Blocks:
                      api_name="model_ui", **FREE, **PRIVATE)
         gr.on([model.change, preset.change, width.change, height.change, steps.change, guidance.change,
                frames.change, vae_tiling.change, cap_on.change, vram_limit.release, custom_on.change,
-               generate_btn.click],
+               cache.change, compile_on.change, generate_btn.click],
               handlers.plan_view, inputs=job_fields, outputs=plan_outputs, show_progress="hidden",
               trigger_mode="always_last", concurrency_id="plan", api_name="replan_ui", **FREE, **PRIVATE)
 
@@ -190,6 +212,11 @@ def _api_endpoints(api: Api, model0: str) -> None:
                               allow_custom_value=True, label="presets")
         numbers = {name: gr.Number(None, label=name) for name in
                    ("vram_limit", "width", "height", "steps", "guidance", "seed", "frames")}
+        attention = gr.Textbox(speed.AUTO, label="attention")
+        compile_on = gr.Checkbox(False, label="compile")
+        channels_last = gr.Checkbox(False, label="channels_last")
+        cache = gr.Textbox(speed.CACHE_OFF, label="cache")
+        speeds = [attention, compile_on, channels_last, cache]
         seconds = gr.Number(10, label="seconds")
         file = gr.File(label="file")
         summary = gr.JSON(label="summary")
@@ -199,15 +226,15 @@ def _api_endpoints(api: Api, model0: str) -> None:
         n = numbers
         gr.Button(visible=False).click(
             api.generate, inputs=[prompt, negative, model, preset, n["vram_limit"], n["width"], n["height"],
-                                  n["steps"], n["guidance"], n["seed"], n["frames"]],
+                                  n["steps"], n["guidance"], n["seed"], n["frames"], *speeds],
             outputs=[file, summary], api_name="generate", **GPU)
         gr.Button(visible=False).click(
             api.compare, inputs=[prompt, presets, model, negative, n["vram_limit"], n["width"], n["height"],
-                                 n["steps"], n["guidance"], n["seed"], n["frames"]],
+                                 n["steps"], n["guidance"], n["seed"], n["frames"], *speeds],
             outputs=[table, images], api_name="compare", **GPU)
         gr.Button(visible=False).click(
             api.plan, inputs=[model, preset, n["vram_limit"], n["width"], n["height"], n["steps"], n["guidance"],
-                              n["frames"]], outputs=info, api_name="plan", concurrency_id="plan", **FREE)
+                              n["frames"], *speeds], outputs=info, api_name="plan", concurrency_id="plan", **FREE)
         gr.Button(visible=False).click(api.status, outputs=info, api_name="status", concurrency_id="control", **FREE)
         gr.Button(visible=False).click(api.memory, inputs=seconds, outputs=info, api_name="memory",
                                        concurrency_id="control", **FREE)

@@ -101,6 +101,7 @@ def summary_markdown(job: Job) -> str:
                                           else f"{summary.seconds_per_step:.3f} s/step")),
         ("moved host → device", gib(summary.bytes_to_device, 3)),
         ("read from disk", gib(summary.bytes_read_from_disk, 3)),
+        ("speed settings", summary.speed.describe()),
     ]
     table = "| measure | this run |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     notes = "".join(f"\n\n> {m}" for m in job.messages)
