@@ -84,11 +84,13 @@ def the_log(server: AppServer) -> str:
     return server.log_path.read_text(errors="replace")
 
 
-API_JOB = [PROMPT, "", MODEL, "dynamic", None, 32, 32, LONG, None, 1, None]
+SPEED = ["auto", False, False, "off"]  # attention, compile, channels_last, cache
+API_JOB = [PROMPT, "", MODEL, "dynamic", None, 32, 32, LONG, None, 1, None, *SPEED]
 # The page's Generate: model, prompt, negative, preset, custom configs on, configs, cap on,
-# vram_limit, random seed, seed, steps, width, height, guidance, VAE tiling, frames.
-PAGE_JOB = [MODEL, PROMPT, "", "dynamic", False, None, False, 0, False, 1, LONG, 32, 32, 0.0, False, None]
-COMPARE_JOB = [PROMPT, ["dynamic", "disk"], MODEL, "", None, 32, 32, LONG, None, 1, None]
+# vram_limit, random seed, seed, steps, width, height, guidance, VAE tiling, frames, then
+# the speed settings.
+PAGE_JOB = [MODEL, PROMPT, "", "dynamic", False, None, False, 0, False, 1, LONG, 32, 32, 0.0, False, None, *SPEED]
+COMPARE_JOB = [PROMPT, ["dynamic", "disk"], MODEL, "", None, 32, 32, LONG, None, 1, None, *SPEED]
 
 
 @pytest.mark.parametrize("api_name, data", [("generate", API_JOB), ("generate_ui", PAGE_JOB), ("compare", COMPARE_JOB)],

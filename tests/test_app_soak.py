@@ -30,7 +30,9 @@ KINDS = {"generate": 30, "invalid": 20, "cancel": 8, "disconnect": 8, "plan": 12
 # Bad settings, each with the field its error must name.
 INVALID = [({"width": 7}, "width"), ({"steps": 0}, "steps"), ({"guidance": 99.0}, "guidance"),
            ({"prompt": ""}, "prompt"), ({"seed": -1}, "seed"), ({"preset": "warp"}, "preset")]
-API_LONG = [PROMPT, "", MODEL, "dynamic", None, 32, 32, LONG, None, 1, None]
+# prompt, negative, model, preset, vram_limit, width, height, steps, guidance, seed, frames,
+# attention, compile, channels_last, cache
+API_LONG = [PROMPT, "", MODEL, "dynamic", None, 32, 32, LONG, None, 1, None, "auto", False, False, "off"]
 # One preset for every run, so the kept pipeline serves them all: reloads (and the heap they
 # leave behind) are test_app_memory's subject, not this one's.
 JOB = {**TINY_JOB, "preset": "dynamic"}
