@@ -35,15 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
-                      ("DIFFUSERS_VERBOSITY", "error")):
-    os.environ.setdefault(_name, _value)
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-for _path in (HERE, ROOT, ROOT / "tests"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+from _setup import ROOT  # noqa: E402  (first: offline hubs, quiet libraries, paths)
 
 import numpy as np  # noqa: E402
 
