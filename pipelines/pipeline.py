@@ -447,9 +447,11 @@ def _convert_on_first_use(family: Family, source: str, models_dir, progress) -> 
             return
         original, _ = resolve_model(family.converted_from, source=source, models_dir=models_dir, progress=progress)
         log.info("%s: converting %s into %s (once)", family.key, original, folder)
-        convert(original, folder, dtype=family.converted_dtype,
-                progress=None if progress is None else lambda name, done, total: progress(f"converting {name}", done,
-                                                                                          total))
+        converting = None
+        if progress is not None:
+            def converting(name: str, done: int, total: int) -> None:
+                progress(f"converting {name}", done, total)
+        convert(original, folder, dtype=family.converted_dtype, progress=converting)
 
 
 def load_pipeline(model: str | Path, configs: Any, *, source: str = "modelscope", models_dir: str | Path | None = None,

@@ -65,8 +65,9 @@ def is_standin(device: torch.device | None) -> bool:
 
 
 def is_host(device: torch.device | None) -> bool:
-    """Whether ``device`` is the host's RAM (the CPU, not a stand-in)."""
-    return device is not None and device.type == "cpu" and not is_standin(device)
+    """Whether ``device`` is the host's RAM (the CPU, not a stand-in; on the hot path, so
+    ``is_standin`` is inlined)."""
+    return device is not None and device.type == "cpu" and (device.index is None or device.index < 1)
 
 
 def device_name(device: torch.device | str | None) -> str:

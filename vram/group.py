@@ -37,7 +37,7 @@ import torch
 
 from .arena import Arena, Layout
 from .budget import get_manager
-from .casting import FP8_MAX, cast, copy_cast, fp8_scale
+from .casting import FP8_MAX, copy_cast, fp8_scale
 from .config import Placement, VramConfig, is_host
 from .mover import Landing, cast_views, submit
 from .weights import TensorInfo, plan_runs
@@ -157,7 +157,11 @@ class Group:
         # Tensors whose preparing dtype is not their computation dtype (fp8 storage): cast at
         # each entry, dropped at exit.
         self._casts_compute = [i for i, (p, c) in enumerate(zip(self.preparing, self.computing)) if p != c]
-        self._scaled = all(e.scaled for e in entries)
+        self._factors: dict[tuple, tuple[float, ...] | None] = {}  # (sources, targets) -> factors()
+        self._scaled = False
+        self.compute_scales: dict[int, float] = {}  # entry -> what the compute cast multiplies by
+        if all(e.scaled for e in entries):
+            self._became_scaled()
         self.host_copies: dict[tuple, HostCopy] = {}
         self.base: HostCopy | Landing | None = None
         self.base_charge: tuple[str, int] | None = None  # (ledger device, bytes) of a device base
@@ -217,13 +221,26 @@ class Group:
             return
         for entry, value in zip(self.entries, values):
             entry.ensure_scales(value)
+        self._became_scaled()
+
+    def _became_scaled(self) -> None:
+        """Every scale is known (a KeyError names an entry whose scale is not)."""
+        factors = self.factors(self.preparing, self.computing)
+        self.compute_scales = {i: factors[i] for i in self._casts_compute if factors and factors[i] != 1.0}
         self._scaled = True
 
     def factors(self, sources: tuple, targets: tuple) -> tuple[float, ...] | None:
         """Per entry, what a cast from ``sources`` to ``targets`` multiplies by (None: 1.0
-        for every entry, a plain cast)."""
+        for every entry, a plain cast). Fixed once the scales are known: worked out once."""
+        key = (sources, targets)
+        found = self._factors.get(key, False)
+        if found is not False:
+            return found
         out = tuple(e.factor(s, t) for e, s, t in zip(self.entries, sources, targets))
-        return None if all(f == 1.0 for f in out) else out
+        out = None if all(f == 1.0 for f in out) else out
+        if self._scaled:
+            self._factors[key] = out
+        return out
 
     # -- the plan for a model state ---------------------------------------------------------
     def plan(self) -> None:
@@ -293,8 +310,8 @@ class Group:
                 self.read_into(arena)
         layout = self.file_layout
         files = self.file_dtypes
-        views = layout.views(arena.buffer)
-        self.ensure_scales(views)
+        if not self._scaled:
+            self.ensure_scales(layout.views(arena.buffer))
         if not is_host(self.device):
             landing = self._to_device(arena.buffer[:layout.nbytes], layout, self.preparing,
                                       self.factors(files, self.preparing))
@@ -305,6 +322,7 @@ class Group:
                 # background thread waits for the copy out of it first.
                 self.part.mover.host_done(landing.event)
             return landing
+        views = layout.views(arena.buffer)
         if files == self.preparing:
             return Landing(None, views, host=(model.pool, arena) if pooled else None)
         landing = self._cast_pooled(views)
@@ -318,8 +336,12 @@ class Group:
         pool = self.model.prep_pool
         arena = pool.acquire()
         out = self.prep_layout.views(arena.buffer)
-        for entry, target, source in zip(self.entries, out, tensors):
-            copy_cast(target, source, entry.factor(source.dtype, target.dtype))
+        factors = self.factors(tuple(t.dtype for t in tensors), self.preparing)
+        for i, (target, source) in enumerate(zip(out, tensors)):
+            if factors is None or factors[i] == 1.0:
+                target.copy_(source)
+            else:
+                copy_cast(target, source, factors[i])
         return Landing(None, out, host=(pool, arena))
 
     def _to_device(self, host: torch.Tensor, layout: Layout, targets: tuple,
@@ -449,9 +471,20 @@ class Group:
                     mover.wait(event)
                 if self._casts_compute:
                     tensors = list(tensors)
-                    computing, preparing, entries = self.computing, self.preparing, self.entries
+                    computing = self.computing
+                    if not self._scaled:  # staging always knows them first: a KeyError here is a bug
+                        self._became_scaled()
+                    # cast() inlined (no Python call per tensor per forward): the scales multiply
+                    # in the wider computation dtype, all of a group's in one kernel launch.
+                    scale_at, scaled, factors = self.compute_scales, [], []
                     for i in self._casts_compute:
-                        tensors[i] = cast(tensors[i], computing[i], entries[i].factor(preparing[i], computing[i]))
+                        tensors[i] = tensor = tensors[i].to(computing[i])
+                        factor = scale_at.get(i)
+                        if factor is not None:
+                            scaled.append(tensor)
+                            factors.append(factor)
+                    if scaled:
+                        torch._foreach_mul_(scaled, factors)
                     event = mover.record()
                 self.ready_event = event
                 for params, name, index in self.installs:

@@ -44,7 +44,8 @@ def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 
 class Crossings:
-    """Where a split model's activations are, and their moves between its parts' devices.
+    """Where a split model's activations are, and their moves between its parts' devices
+    (and its home: the device its inputs come from and its output goes to).
 
     A tensor is where torch says it is; on the stand-ins, whose tensors are all CPU tensors,
     it is where the group that returned it computes, the model's inputs are at home, and a
@@ -102,9 +103,10 @@ class Crossings:
             local.copies[(id(tensor), device)] = (tensor, copy)
             if self.tagged:
                 local.places[id(copy)] = (copy, device)
-            counters = get_manager().counters
-            counters.activation_moves += 1
-            counters.activation_bytes += tensor.numel() * tensor.element_size()
+            manager = get_manager()
+            with manager.lock:
+                manager.counters.activation_moves += 1
+                manager.counters.activation_bytes += tensor.numel() * tensor.element_size()
             return copy
         return move
 

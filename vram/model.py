@@ -259,7 +259,7 @@ class ManagedModel(Part):
                 outside_at_start = max(0, marks["alloc0"] - marks["ledger0"])
                 activations = max(0, peak_allocated - outside_at_start - ledger_peak)
                 manager.note_activations(part, activations)
-            limit = self.config.vram_limit if part.cap_bytes is None or part is self else part.cap_bytes / GIB
+            limit = self.config.vram_limit if part is self or part.cap_bytes is None else part.cap_bytes / GIB
             manager.add_report(RunReport(part.name, part.budget_key, part.cap_bytes, peak_reserved, ledger_peak,
                                          activations, seconds, limit))
         if self.host_computes and self.makes_copies:
@@ -794,8 +794,9 @@ def disable_vram_management(model: torch.nn.Module) -> torch.nn.Module:
         for index, entry in enumerate(group.entries):
             value = tensors[index] if tensors is not None else record.source.read_info(entry.info)
             computation = entry.config.computation
-            value = cast(value.to(device=computation.device, copy=True), computation.dtype,
+            plain = cast(value.to(device=computation.device), computation.dtype,
                          entry.factor(value.dtype, computation.dtype))
+            value = plain.clone() if plain.data_ptr() == value.data_ptr() else plain  # never the core's memory
             values.append(torch.nn.Parameter(value, requires_grad=False))
         group.install(values)
         for module_name in group.modules:
