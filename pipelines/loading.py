@@ -18,7 +18,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
@@ -235,12 +235,33 @@ def checkpoint_key_renamer(model: torch.nn.Module):
     return rename
 
 
+class ModelPlacement(Protocol):
+    """A pipeline's components over several accelerators, as the loader asks it (a split
+    component's blocks and its caps; ``presets.placement.Placement`` is one)."""
+
+    def device_map_for(self, component: str, block_names: Sequence[str],
+                       block_sizes: Sequence[int] | None = None) -> dict[str, str]:
+        """The core ``device_map`` of ``component`` from its blocks in order and their sizes
+        (elements); {} for a component on one device."""
+
+    def caps_for(self, component: str) -> dict[str, float]:
+        """GiB per device name for each device ``component`` computes on."""
+
+
+def blocks_of(model: torch.nn.Module, granularity: str) -> tuple[list[str], list[int]]:
+    """The names of ``model``'s repeated blocks in order, and their sizes (elements): what a
+    ``device_map`` over runs of blocks is cut from (none for a model without blocks)."""
+    from vram.grouping import group_sizes, plan_groups
+    sizes = dict(group_sizes(model, granularity))
+    names = [plan.name for plan in plan_groups(model, granularity) if plan.block]
+    return names, [sizes[name] for name in names]
+
+
 def split_map(model: torch.nn.Module, granularity: str, runs) -> dict[str, str]:
     """A core ``device_map`` from ``runs``, (device, number of blocks) pairs: the model's
     repeated blocks in order, the first n on the first device, and so on (the last run takes
     what is left); the rest of the model stays on its config's device."""
-    from vram.grouping import plan_groups
-    blocks = [plan.name for plan in plan_groups(model, granularity) if plan.block]
+    blocks, _ = blocks_of(model, granularity)
     if not blocks:
         raise ModelFilesError(f"{type(model).__name__} has no repeated blocks to split over devices")
     out: dict[str, str] = {}
@@ -256,10 +277,13 @@ def split_map(model: torch.nn.Module, granularity: str, runs) -> dict[str, str]:
 
 def load_component(folder: Path, name: str, phase: str, entry: list, config: vram.VramConfig,
                    variant: str | None = None, label: str | None = None, *, split=None,
-                   io_device: torch.device | None = None) -> LoadedComponent:
-    """Build component ``name`` on the meta device and put it under the core with ``config``;
-    ``split`` spreads its blocks over devices (``split_map``), ``io_device`` is the
-    pipeline's execution device when the component computes elsewhere."""
+                   io_device: torch.device | None = None,
+                   vram_limit: Mapping[str, float] | None = None) -> LoadedComponent:
+    """Build component ``name`` on the meta device and put it under the core with ``config``.
+    ``split`` spreads its blocks over devices: (device, number of blocks) runs (``split_map``),
+    or a function from its block names and sizes to a ``device_map``
+    (``Placement.device_map_for``); ``vram_limit`` then caps each device (GiB by device name).
+    ``io_device`` is the pipeline's execution device when the component computes elsewhere."""
     component_dir = Path(folder) / name
     cls = resolve_class(entry[0], entry[1], f"{component_dir}")
     if not is_model(cls):
@@ -272,10 +296,15 @@ def load_component(folder: Path, name: str, phase: str, entry: list, config: vra
         rename = checkpoint_key_renamer(model)
         if rename is not None:
             source.rename_keys(rename)
-        device_map = split_map(model, config.granularity, split) if split else None
+        device_map = None
+        if callable(split):
+            device_map = split(*blocks_of(model, config.granularity)) or None
+        elif split:
+            device_map = split_map(model, config.granularity, split)
         vram.enable_vram_management(model, config, weights=source, name=label or name,
                                     keep_fp32=keep_fp32_for(model, config.computation.dtype),
-                                    device_map=device_map, io_device=io_device)
+                                    device_map=device_map, io_device=io_device,
+                                    vram_limit=vram_limit if device_map else None)
     except ValueError as error:
         source.close()
         raise ModelFilesError(f"{component_dir}: {error}") from None
@@ -320,6 +349,30 @@ def config_key_for(configs: Mapping[str, Any], component: Component) -> str:
             return key
     raise ValueError(f"no config for component {component.name!r}: give one under {component.name!r}, "
                      f"{role!r} or 'default'")
+
+
+def _signature_models(family: Family) -> list[str]:
+    """The family's models in the order ``DiffusionPipeline.device`` looks at them: the
+    pipeline's signature keys."""
+    import diffusers
+    pipeline_class = getattr(diffusers, family.pipeline_class)
+    modules, _ = pipeline_class._get_signature_keys(pipeline_class)
+    return [name for name in modules if name in family.weighted]
+
+
+def execution_component(family: Family) -> str:
+    """The component whose device diffusers' pipeline makes its own tensors on (latents, the
+    prompt's ids) when every model computes on an accelerator: ``DiffusionPipeline.device``
+    is the device of the first model among the pipeline's signature keys that is off the CPU."""
+    return _signature_models(family)[0]
+
+
+def execution_device(family: Family, configs: Mapping[str, vram.VramConfig]) -> torch.device:
+    """The device diffusers' pipeline computes on with these configs (by component name), by
+    ``DiffusionPipeline.device``'s rule: the first model of its signature keys computing off
+    the CPU (a stand-in counts as a GPU), else the first model's."""
+    devices = [configs[name].computation.device for name in _signature_models(family)]
+    return next((d for d in devices if not vram.config.is_host(d)), devices[0])
 
 
 def config_for(configs: Mapping[str, Any], component: Component) -> vram.VramConfig:

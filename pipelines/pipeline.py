@@ -61,8 +61,27 @@ class Event:
 
 
 @dataclass
+class DeviceUse:
+    """One accelerator's peak against its cap, in a run over several. Bytes."""
+
+    device: str
+    peak_vram_bytes: int | None
+    vram_limit_bytes: int | None
+    within_cap: bool | None
+
+    def describe(self) -> str:
+        gib = vram.GIB
+        peak = "n/a" if self.peak_vram_bytes is None else f"{self.peak_vram_bytes / gib:.2f} GiB"
+        cap = "no cap" if self.vram_limit_bytes is None else f"cap {self.vram_limit_bytes / gib:.2f} GiB"
+        verdict = {None: "", True: ", within cap", False: ", ABOVE CAP"}[self.within_cap]
+        return f"{self.device} {peak} ({cap}{verdict})"
+
+
+@dataclass
 class RunSummary:
-    """Measured over one ``generate`` call. Bytes and seconds."""
+    """Measured over one ``generate`` call. Bytes and seconds. Over several accelerators
+    ``devices`` has each one's peak and cap; then ``peak_vram_bytes`` is the highest of them,
+    ``vram_limit_bytes`` that device's cap, and ``within_cap`` whether every one kept to its own."""
 
     model: str
     device: str
@@ -77,6 +96,7 @@ class RunSummary:
     bytes_to_device: int
     bytes_read_from_disk: int
     speed: SpeedReport = field(default_factory=SpeedReport)   # the speed settings as they ran
+    devices: list[DeviceUse] = field(default_factory=list)    # over several accelerators only
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -88,7 +108,11 @@ class RunSummary:
         verdict = {None: "", True: ", within cap", False: ", ABOVE CAP"}[self.within_cap]
         phases = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.phase_seconds.items())
         per_step = "n/a" if self.seconds_per_step is None else f"{self.seconds_per_step:.3f} s/step"
-        return (f"peak VRAM {vram_text} ({cap}{verdict}); peak RAM {self.peak_ram_bytes / gib:.2f} GiB\n"
+        if self.devices:
+            vram_line = "peak VRAM per device: " + "; ".join(d.describe() for d in self.devices)
+        else:
+            vram_line = f"peak VRAM {vram_text} ({cap}{verdict})"
+        return (f"{vram_line}; peak RAM {self.peak_ram_bytes / gib:.2f} GiB\n"
                 f"time {self.seconds:.2f} s: {phases}; {self.steps} steps, {per_step}\n"
                 f"moved to device {self.bytes_to_device / gib:.2f} GiB, read from disk "
                 f"{self.bytes_read_from_disk / gib:.2f} GiB\n"
@@ -228,6 +252,15 @@ class ManagedPipeline:
     def computation_device(self) -> torch.device:
         return self.components[self.family.components_in("denoising")[0]].config.computation.device
 
+    @property
+    def devices(self) -> list[torch.device]:
+        """Every device the models compute on, the computation device first: one, unless the
+        pipeline was placed over several accelerators."""
+        devices = {self.computation_device: None}
+        for component in self.components.values():
+            devices.update(dict.fromkeys(part.device for part in vram.managed(component.module).parts))
+        return list(devices)
+
     # -- generation ------------------------------------------------------------------------------
     def generate(self, request: GenerationRequest | None = None, *, on_event: Callable[[Event], None] | None = None,
                  cancel: threading.Event | None = None, pipeline_kwargs: Mapping[str, Any] | None = None,
@@ -268,7 +301,7 @@ class ManagedPipeline:
         reports0 = manager.reports_total
         monitor.reset_peak_rss()
         device = self.computation_device
-        peaks = monitor.device_peak_scope(device)
+        scopes = {d: monitor.device_peak_scope(d) for d in self.devices}
         self._run = run
         run.emit("run_start")
         try:
@@ -284,7 +317,7 @@ class ManagedPipeline:
             raise
         finally:
             self._run = None
-            device_peaks = peaks.close()
+            device_peaks = {d: scope.close() for d, scope in scopes.items()}
             speed = self.speed.end()
         self.offload_all()
         summary = self._summary(run, request, manager, counters0, reports0, device, device_peaks)
@@ -303,7 +336,8 @@ class ManagedPipeline:
         """After a failed or cancelled run: nothing stays onloaded or staged."""
         self.offload_all()
         gc.collect()
-        vram.empty_cache(self.computation_device)
+        for device in self.devices:
+            vram.empty_cache(device)
 
     def _step_callback(self, run: _Run):
         def callback(pipe, index, timestep, callback_kwargs):
@@ -351,7 +385,7 @@ class ManagedPipeline:
         seconds = run.now()
         reports = manager.reports_since(reports0)
         peaks = [r.peak_reserved_bytes for r in reports if r.peak_reserved_bytes is not None]
-        device_peak = device_peaks[1] if device_peaks is not None else None
+        device_peak = device_peaks[device][1] if device_peaks[device] is not None else None
         peak_vram = max(peaks + ([device_peak] if device_peak is not None else []), default=None)
         # vram_limit 0 means "stream every layer", not a cap of 0 bytes.
         caps = [c.config.vram_limit for c in self.components.values() if c.config.vram_limit]
@@ -360,6 +394,12 @@ class ManagedPipeline:
         if cap_bytes is not None:
             verdicts = [r.within_cap for r in reports if r.within_cap is not None]
             within = all(verdicts) and (peak_vram is None or peak_vram <= cap_bytes)
+        devices = self._device_uses(reports, device_peaks) if len(device_peaks) > 1 else []
+        if devices:
+            busiest = max(devices, key=lambda d: d.peak_vram_bytes or 0)
+            peak_vram, cap_bytes = busiest.peak_vram_bytes, busiest.vram_limit_bytes
+            verdicts = [d.within_cap for d in devices if d.within_cap is not None]
+            within = all(verdicts) if verdicts else None
         step_seconds = None
         if run.step_times and run.denoise_t0 is not None:
             step_seconds = (run.step_times[-1] - run.denoise_t0) / len(run.step_times)
@@ -371,7 +411,28 @@ class ManagedPipeline:
             vram_limit_bytes=cap_bytes, within_cap=within,
             bytes_to_device=counters.bytes_to_device - counters0.bytes_to_device,
             bytes_read_from_disk=counters.bytes_read_from_disk - counters0.bytes_read_from_disk,
+            devices=devices,
         )
+
+    def _device_uses(self, reports, device_peaks) -> list[DeviceUse]:
+        """Each device's peak (its reports' and its allocator's) against its cap: the smallest
+        among the models' parts computing there, as the core's budget takes it."""
+        uses = []
+        for device, measured in device_peaks.items():
+            name = vram.config.device_name(device)
+            mine = [r for r in reports if r.device == name]
+            peaks = [r.peak_reserved_bytes for r in mine if r.peak_reserved_bytes is not None]
+            if measured is not None:
+                peaks.append(measured[1])
+            peak = max(peaks, default=None)
+            caps = [part.cap_bytes for c in self.components.values() for part in vram.managed(c.module).parts
+                    if part.budget_key == name and part.cap_bytes]
+            cap = min(caps) if caps else None
+            within = None
+            if cap is not None:
+                within = all(r.within_cap is not False for r in mine) and (peak is None or peak <= cap)
+            uses.append(DeviceUse(name, peak, cap, within))
+        return uses
 
     # -- introspection and teardown --------------------------------------------------------------
     def describe_configs(self) -> dict[str, dict[str, Any]]:
@@ -423,6 +484,13 @@ def _size_multiple(pipe) -> int:
     return max(multiple, _PIPELINE_MULTIPLE.get(name, 1))
 
 
+def _apart(device: torch.device, home: torch.device) -> bool:
+    """Whether a model computing on ``device`` needs its inputs carried from the execution
+    device ``home`` and its output back: another accelerator of the same kind."""
+    is_host, is_standin = vram.config.is_host, vram.config.is_standin
+    return device != home and not is_host(device) and not is_host(home) and is_standin(device) == is_standin(home)
+
+
 def _split_configs(configs, family: Family) -> dict[str, Any]:
     if isinstance(configs, vram.VramConfig) or (isinstance(configs, Mapping) and _CONFIG_KEYS & set(configs)):
         return {"default": configs}
@@ -456,7 +524,7 @@ def _convert_on_first_use(family: Family, source: str, models_dir, progress) -> 
 
 def load_pipeline(model: str | Path, configs: Any, *, source: str = "modelscope", models_dir: str | Path | None = None,
                   progress: Callable[[str, int, int], None] | None = None,
-                  family: str | None = None) -> ManagedPipeline:
+                  family: str | None = None, placement: loading.ModelPlacement | None = None) -> ManagedPipeline:
     """Load ``model`` (a registry key such as "flux.1-schnell", or a local diffusers folder)
     with ``configs``: one vram config for every component, or a dict by component name
     ("text_encoder_2"), role ("text_encoders", "denoiser", "vae") or "default".
@@ -467,6 +535,13 @@ def load_pipeline(model: str | Path, configs: Any, *, source: str = "modelscope"
     defaults a local folder should use, when its pipeline class is ambiguous. A converted
     registry variant ("flux.1-dev-fp8") is made on first use from its original (downloaded
     first if needed), with ``progress("converting <component>", done, total)``.
+
+    The models may compute on several accelerators (each config's computation device):
+    diffusers' pipeline makes its tensors on its execution device (``loading.execution_device``),
+    so a model computing on another takes its inputs from there and hands its output back
+    (the core's ``io_device``), and the VAE, whose decode is no forward, must compute there.
+    ``placement`` (``presets.placement.Placement``) splits a component that no device holds
+    over runs of its blocks, with a cap per device.
     """
     if not is_local(model):
         _convert_on_first_use(get_family(str(model)), source, models_dir, progress)
@@ -475,6 +550,12 @@ def load_pipeline(model: str | Path, configs: Any, *, source: str = "modelscope"
         fam = get_family(family)
     per_component = _split_configs(configs, fam)
     configs_by_name = {c.name: loading.config_for(per_component, c) for c in fam.components}
+    home = loading.execution_device(fam, configs_by_name)
+    for name in fam.components_in("vae_decoding"):
+        where = configs_by_name[name].computation.device
+        if _apart(where, home):
+            raise ValueError(f"configs: {name} computes on {vram.config.device_name(where)}, but decodes what the "
+                             f"pipeline makes on its execution device, {vram.config.device_name(home)}; put it there")
     loading.check_folder(folder, fam)
     index = loading.read_model_index(folder)
 
@@ -484,9 +565,15 @@ def load_pipeline(model: str | Path, configs: Any, *, source: str = "modelscope"
     parts: dict[str, Any] = {}
     try:
         for component in fam.components:
+            config = configs_by_name[component.name]
+            split = caps = None
+            if placement is not None:
+                split = functools.partial(placement.device_map_for, component.name)
+                caps = placement.caps_for(component.name)
             loaded = loading.load_component(folder, component.name, component.phase, index[component.name],
-                                            configs_by_name[component.name], fam.variant,
-                                            label=f"{fam.key}/{component.name}")
+                                            config, fam.variant, label=f"{fam.key}/{component.name}", split=split,
+                                            io_device=home if _apart(config.computation.device, home) else None,
+                                            vram_limit=caps)
             components[component.name] = loaded
             parts[component.name] = loaded.module
         modules, options = pipeline_class._get_signature_keys(pipeline_class)

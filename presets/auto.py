@@ -24,6 +24,7 @@ from vram import monitor
 
 from .fallback import Loader, Outcome, generate_with_fallback
 from .footprint import Footprint, footprint
+from .placement import MULTI_GPU, Placement
 from .planner import Calibration, Job, Prediction, predict
 from .probe import Hardware, probe
 from .tree import Decision, decide
@@ -59,6 +60,11 @@ class RunPlan:
     @property
     def on_gpu(self) -> bool:
         return self.hardware.has_gpu
+
+    @property
+    def placement(self) -> Placement | None:
+        """Where a ``multi_gpu`` run puts each component (the tree's plan); None otherwise."""
+        return self.decision.placement if self.decision is not None and self.preset == MULTI_GPU else None
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -134,15 +140,17 @@ def execute(plan: RunPlan, model: str | Path, request: GenerationRequest, *, sou
     outcome = generate_with_fallback(
         model if local else plan.family.key, request, plan.preset, vram_limit=plan.vram_limit, device=plan.device,
         dtype=plan.dtype, on_event=on_event, cancel=cancel, pipeline_kwargs=pipeline_kwargs, on_message=on_message,
-        load_options=load_options, loader=loader)
+        load_options=load_options, loader=loader, placement=plan.placement)
     sizes = plan.sizes if plan.sizes.from_headers else footprint(plan.family, plan.folder)  # exact once downloaded
+    summary = outcome.result.summary
+    if outcome.preset == MULTI_GPU:
+        return AutoOutcome(outcome, plan.decision, *_multi_gpu_errors(plan, sizes, summary, calibration))
 
     def planned(scale: Calibration | None) -> Prediction:
         return predict(plan.family, sizes, plan.job, outcome.preset, on_gpu=plan.on_gpu,
                        dtype=torch.bfloat16 if plan.on_gpu else torch.float32, vram_limit=outcome.vram_limit,
                        baseline_ram=plan.baseline_ram, calibration=scale)
     prediction, raw = planned(calibration), planned(None)
-    summary = outcome.result.summary
     # Errors of the calibrated prediction; the file learns from the raw one (else it would
     # chase its own corrections).
     errors = {"ram": summary.peak_ram_bytes / prediction.peak_ram_bytes - 1}
@@ -152,6 +160,26 @@ def execute(plan: RunPlan, model: str | Path, request: GenerationRequest, *, sou
         errors["vram"] = summary.peak_vram_bytes / prediction.peak_vram_reserved_bytes - 1
         calibration.record(outcome.preset, "vram", raw.peak_vram_reserved_bytes, summary.peak_vram_bytes)
     return AutoOutcome(outcome, plan.decision, prediction, errors)
+
+
+def _multi_gpu_errors(plan: RunPlan, sizes: Footprint, summary, calibration: Calibration
+                      ) -> tuple[Prediction, dict[str, float]]:
+    """A ``multi_gpu`` run's prediction (the placement it ran, RAM as ``basic`` predicts it
+    with the exact sizes) and its errors: RAM, and each GPU's peak against its share
+    ("vram cuda:1"). Nothing is recorded: the planner scales a placement by ``basic``'s
+    factors, learned where one GPU's peak is one number."""
+    basic = predict(plan.family, sizes, plan.job, "basic", on_gpu=plan.on_gpu,
+                    dtype=torch.bfloat16 if plan.on_gpu else torch.float32, baseline_ram=plan.baseline_ram,
+                    calibration=calibration)
+    prediction = plan.placement.prediction(basic)
+    errors = {"ram": summary.peak_ram_bytes / prediction.peak_ram_bytes - 1}
+    measured = {use.device: use.peak_vram_bytes for use in summary.devices}
+    placement = plan.placement.on(plan.device)
+    for index, (reserved, _) in prediction.per_gpu.items():
+        peak = measured.get(placement.device(index))
+        if peak and reserved:
+            errors[f"vram {placement.device(index)}"] = peak / reserved - 1
+    return prediction, errors
 
 
 def run(model: str | Path, request: GenerationRequest, *, preset: str = "auto", vram_limit: float | None = None,

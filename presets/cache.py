@@ -30,7 +30,7 @@ from pipelines.sources import is_local
 log = logging.getLogger(__name__)
 
 # Options that change what is loaded; others (a progress callback) do not.
-_KEYED_OPTIONS = ("source", "models_dir", "family")
+_KEYED_OPTIONS = ("source", "models_dir", "family", "placement")
 
 
 def configs_fingerprint(configs: Any) -> str:

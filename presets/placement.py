@@ -16,6 +16,11 @@ projection) on the first run's GPU, where the core computes a split model's grou
 does not name. When even that cannot fit, ``plan_placement`` raises ``PlacementError`` with
 the reason (the tree prints it on its ``multi_gpu`` line).
 
+The VAE goes on the pipeline's execution device, the GPU of the model diffusers takes its
+device from (``pipelines.loading.execution_component``): decode is a method, not a forward,
+so nothing carries its input to another GPU. Every other component computing elsewhere takes
+its inputs from there and hands its output back (the core's ``io_device``).
+
 Block count and size are estimated from the footprint: ``largest_group`` elements make one
 block (before a download, a fortieth of the component, the planner's guess), the rest of its
 parameters are non-block weights. The loader turns the estimate into a core ``device_map``
@@ -25,16 +30,19 @@ over the real blocks with ``Placement.device_map_for``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+import vram
 from pipelines import Family
+from pipelines.loading import execution_component
 
 from .footprint import ComponentSize, Footprint
-from .planner import CUDA_CONTEXT_BYTES, GIB, Calibration, Job, activation_bytes, cache_bytes, stored_bytes
+from .planner import CUDA_CONTEXT_BYTES, GIB, Calibration, Job, Prediction, activation_bytes, cache_bytes, stored_bytes
 from .probe import GPU
 
+MULTI_GPU = "multi_gpu"      # the tree's branch over several GPUs (no preset file: a Placement)
 # The planner's guess of a denoiser's depth where the footprint has no block size.
 _BLOCKS_GUESS = 40
 
@@ -89,9 +97,22 @@ class Placement:
     whole: dict[str, int]                    # component -> the GPU holding it whole
     splits: dict[str, Split]                 # component -> its runs of blocks
     components: tuple[str, ...]              # the model's, in the footprint's order
+    kind: str = "cuda"                       # "cuda", or "standin": simulated GPUs (``on``)
 
     def gpu(self, index: int) -> GpuPlan:
         return next(g for g in self.gpus if g.index == index)
+
+    def on(self, device: str | torch.device) -> "Placement":
+        """The same plan on ``device``'s kind of device: on the stand-in accelerators (GPU i
+        as ``standin:i``) when it is one, as tests run it without a GPU; else on CUDA's."""
+        standin = vram.config.device_name(device).strip().lower().startswith(vram.config.STANDIN_NAME)
+        return replace(self, kind=vram.config.STANDIN_NAME if standin else "cuda")
+
+    def device(self, index: int) -> str:
+        """GPU ``index`` as the core names the device ("cuda:1"; "standin", "standin:1")."""
+        if self.kind == vram.config.STANDIN_NAME:
+            return vram.config.device_name(vram.config.standin_device(index))
+        return f"cuda:{index}"
 
     @property
     def used(self) -> tuple[GpuPlan, ...]:
@@ -102,8 +123,15 @@ class Placement:
         """The device ``component`` computes on (``computation_device`` in its config): its
         GPU, or for a split one the first run's GPU, which keeps its non-block weights."""
         if component in self.splits:
-            return f"cuda:{self.splits[component].runs[0][0]}"
-        return f"cuda:{self.whole[component]}"
+            return self.device(self.splits[component].runs[0][0])
+        return self.device(self.whole[component])
+
+    def caps_for(self, component: str) -> dict[str, float]:
+        """The cap (GiB) of each GPU ``component`` computes on, by device name: a split
+        component's ``vram_limit`` per device."""
+        indices = [index for index, _ in self.splits[component].runs] if component in self.splits \
+            else [self.whole[component]]
+        return {self.device(i): self.gpu(i).cap_bytes / GIB for i in indices}
 
     def describe(self) -> tuple[str, ...]:
         """One line per component, then one per GPU holding anything."""
@@ -164,8 +192,18 @@ class Placement:
             if taken > room:
                 raise ValueError(f"{component}: blocks {start}-{position - 1} need {_gib(taken)} on GPU {index}, "
                                  f"which has {_gib(room)} for them; plan again with the model's real sizes")
-            mapping.update({name: f"cuda:{index}" for name in block_names[start:position]})
+            mapping.update({name: self.device(index) for name in block_names[start:position]})
         return mapping
+
+    def prediction(self, basic: Prediction) -> Prediction:
+        """``multi_gpu``'s prediction beside the presets': RAM is ``basic``'s (the weights go
+        straight to the GPUs), the VRAM peak the busiest GPU's, CUDA context included, and
+        ``per_gpu`` each GPU's reserved bytes against its cap."""
+        busiest = max(self.used, key=lambda g: g.peak_bytes)
+        parts = {k: v for k, v in basic.parts.items() if k in ("baseline_ram", "weights_in_ram", "transient_ram")}
+        parts["cuda_context"] = CUDA_CONTEXT_BYTES
+        return Prediction(MULTI_GPU, busiest.peak_bytes, basic.peak_ram_bytes, None, {}, parts,
+                          {g.index: (g.reserved_bytes, g.cap_bytes) for g in self.used})
 
 
 def plan_placement(family: Family, footprint: Footprint, job: Job, gpus: Sequence[GPU], *,
@@ -177,8 +215,9 @@ def plan_placement(family: Family, footprint: Footprint, job: Job, gpus: Sequenc
     memory minus the tree's margin (``tree.cap_from_free``); one number, every GPU; a mapping
     CUDA index (or "cuda:i") -> GiB, diffusers' ``max_memory``, where a GPU left out is not
     used. ``calibration`` scales the bytes by this machine's measured ratios for ``basic``,
-    whose memory model this is per GPU. Raises ``PlacementError``, saying why, when even
-    splitting cannot fit the model."""
+    whose memory model this is per GPU. The VAE goes whole where the execution component
+    computes (its first run's GPU, were it split). Raises ``PlacementError``, saying why, when
+    even splitting cannot fit the model."""
     caps = _caps(gpus, vram_limit)
     if not caps:
         raise PlacementError("no GPU to place the model on")
@@ -193,19 +232,31 @@ def plan_placement(family: Family, footprint: Footprint, job: Job, gpus: Sequenc
     state = {index: _Gpu(cap) for index, cap in caps.items()}
     whole: dict[str, int] = {}
     too_large = []
+    leader = execution_component(family)
+    vae = next((c for c in footprint.components if c.phase == "vae_decoding" and c.name != leader
+                and leader in weights), None)
     for component in sorted(footprint.components, key=lambda c: -weights[c.name]):
         name = component.name
-        fitting = [i for i, gpu in state.items() if gpu.room_for(acts[name]) >= weights[name]]
+        if component is vae:
+            continue   # placed with its leader
+        # The leader and the VAE go whole onto one GPU together.
+        together = [name] + ([vae.name] if vae is not None and name == leader else [])
+        need, peak_acts = sum(weights[n] for n in together), max(acts[n] for n in together)
+        fitting = [i for i, gpu in state.items() if gpu.room_for(peak_acts) >= need]
         if not fitting:
             too_large.append(component)   # split once the whole ones are placed: its blocks fill what is left
             continue
-        index = max(fitting, key=lambda i: (state[i].room_for(acts[name]), -i))
-        state[index].add(name, weights[name], acts[name])
-        whole[name] = index
+        index = max(fitting, key=lambda i: (state[i].room_for(peak_acts), -i))
+        for n in together:
+            state[index].add(n, weights[n], acts[n])
+            whole[n] = index
     splits: dict[str, Split] = {}
     for component in too_large:
         name = component.name
-        split = _split(component, weights[name], acts[name], state)
+        # A split leader keeps room for the VAE beside its non-block weights on its first GPU.
+        follows = name == leader and vae is not None
+        split = _split(component, weights[name], max(acts[name], acts[vae.name]) if follows else acts[name], state,
+                       beside=weights[vae.name] if follows else 0)
         if split is None:
             rooms = " + ".join(f"{state[i].room_for(acts[name]) / GIB:.1f}" for i in sorted(state))
             raise PlacementError(f"{name} ({_gib(weights[name])}) fits on no GPU, nor split over the room the "
@@ -214,6 +265,13 @@ def plan_placement(family: Family, footprint: Footprint, job: Job, gpus: Sequenc
             state[index].add(name, count * split.block_bytes + (split.other_bytes if run == 0 else 0), acts[name],
                              blocks=count)
         splits[name] = split
+    if vae is not None and leader in splits:
+        index = splits[leader].runs[0][0]
+        if state[index].room_for(acts[vae.name]) < weights[vae.name]:
+            raise PlacementError(f"{vae.name} ({_gib(weights[vae.name])}) decodes on GPU {index}, where {leader} "
+                                 f"computes (the pipeline's execution device), and does not fit beside it")
+        state[index].add(vae.name, weights[vae.name], acts[vae.name])
+        whole[vae.name] = index
     order = tuple(c.name for c in footprint.components)
     plans = tuple(GpuPlan(index, gpu.cap, tuple(sorted(gpu.components, key=order.index)), dict(gpu.blocks),
                           gpu.weights, gpu.activations) for index, gpu in sorted(state.items()))
@@ -244,10 +302,11 @@ class _Gpu:
         self.activations = max(self.activations, activations)
 
 
-def _split(component: ComponentSize, weights: int, acts: int, state: dict[int, _Gpu]) -> Split | None:
+def _split(component: ComponentSize, weights: int, acts: int, state: dict[int, _Gpu], beside: int = 0) -> Split | None:
     """``component``'s blocks over the fewest GPUs (most room first) that hold them, each
     block to the one with the most room left (diffusers' balanced rule, per block), one run
-    per GPU in index order; None when all the GPUs together cannot hold them."""
+    per GPU in index order, ``beside`` bytes left free on the first; None when all the GPUs
+    together cannot hold them."""
     parameters = max(1, component.parameters)
     block_parameters = min(parameters, component.largest_group or max(1, parameters // _BLOCKS_GUESS))
     blocks = parameters // block_parameters
@@ -256,7 +315,7 @@ def _split(component: ComponentSize, weights: int, acts: int, state: dict[int, _
     by_room = sorted(state, key=lambda i: (-state[i].room_for(acts), i))
     for count in range(2, len(by_room) + 1):
         chosen = sorted(by_room[:count])
-        room = {i: state[i].room_for(acts) - (other if i == chosen[0] else 0) for i in chosen}
+        room = {i: state[i].room_for(acts) - (other + beside if i == chosen[0] else 0) for i in chosen}
         if sum(max(0, r) // block_bytes for r in room.values()) < blocks:
             continue
         counts = dict.fromkeys(chosen, 0)

@@ -99,6 +99,8 @@ class Prediction:
     vram_limit: float | None
     phases: dict[str, dict[str, int]] = field(default_factory=dict)   # phase -> {"vram", "ram"}
     parts: dict[str, int] = field(default_factory=dict)               # what the peak is made of
+    # Over several GPUs (multi_gpu): CUDA index -> (reserved bytes, cap bytes).
+    per_gpu: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def peak_vram_reserved_bytes(self) -> int | None:

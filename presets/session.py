@@ -34,8 +34,9 @@ from vram import monitor
 
 from .auto import AutoOutcome, RunPlan, execute, plan_run, usable_hardware
 from .cache import PipelineCache
-from .fallback import derived_limit
-from .files import PresetError, Preset, list_presets, load_preset, preset_configs
+from .fallback import attempt_configs
+from .files import PresetError, Preset, list_presets, load_preset
+from .placement import MULTI_GPU
 from .planner import GIB, Calibration, Prediction, predict
 from .probe import Hardware
 from .tree import Decision, cap_from_free, decide
@@ -338,6 +339,8 @@ class Session:
         for name in list_presets():
             if name not in predictions:
                 predictions[name] = self._predict(run_plan, name, plan.table_cap)
+        if run_plan.placement is not None and MULTI_GPU not in predictions:
+            predictions[MULTI_GPU] = run_plan.placement.prediction(self._predict(run_plan, "basic", None))
         if plan.configs is not None:
             limits = [c["vram_limit"] for c in plan.configs.values() if c.get("vram_limit") is not None]
             predictions[CUSTOM] = self._predict(run_plan, _custom_preset(plan.configs), min(limits) if limits else None)
@@ -391,11 +394,9 @@ class Session:
         model = choice.model if choice.local else choice.family.key
         if plan.configs is not None:
             return model, {k: vram.VramConfig.from_dict(v) for k, v in plan.configs.items()}, options
-        limit = plan.vram_limit
-        if limit is None and load_preset(plan.preset).uses_vram_limit:
-            limit = derived_limit(plan.run_plan.device)
-        return model, preset_configs(plan.preset, vram_limit=limit, device=plan.run_plan.device,
-                                     dtype=plan.run_plan.dtype), options
+        configs, _, extra = attempt_configs(plan.preset, vram_limit=plan.vram_limit, device=plan.run_plan.device,
+                                            dtype=plan.run_plan.dtype, placement=plan.run_plan.placement)
+        return model, configs, {**options, **extra}
 
     def prepare(self, plan: SessionPlan) -> SessionPlan:
         """Just before a run (on the thread that will run it): close the kept pipeline if the

@@ -9,9 +9,9 @@ the explanation lists each branch with its numbers.
 With two or more GPUs, a branch of its own comes between basic and model-level offload:
 ``multi_gpu``, everything resident over the GPUs (``placement.plan_placement``: whole
 components balanced, the largest split into runs of blocks when no GPU holds it). It is a
-plan, not a preset file: the ``Decision`` carries it (``placement``), and a run of it that
-runs out of memory falls back to the single-GPU tree below it (``next_preset``: the preset
-after basic).
+plan, not a preset file: the ``Decision`` carries it (``placement``) and its prediction
+(``Placement.prediction``: each GPU's peak against its cap), and a run of it that runs out of
+memory falls back to the single-GPU tree below it (``next_preset``: the preset after basic).
 """
 
 from __future__ import annotations
@@ -25,17 +25,15 @@ from pipelines import Family
 
 from . import files
 from .footprint import Footprint
-from .placement import Placement, PlacementError, plan_placement
+from .placement import MULTI_GPU, Placement, PlacementError, plan_placement
 from .planner import GIB, Calibration, Job, Prediction, predict
 from .probe import Hardware
 
 # The tree's order, fastest first; a failed run falls back to the next one.
 TREE_ORDER = ("basic", "cpu_offload", "dynamic", "fp8_offload", "disk")
-MULTI_GPU = "multi_gpu"      # the tree's branch over several GPUs, after basic (no preset file)
-# Whether a multi_gpu decision can run: the core splits a model over GPUs (device_map) and
-# places components (io_device), but the pipelines and the fallback do not run a placement
-# yet. Until they do the tree prints the plan and goes on down the single-GPU branches.
-MULTI_GPU_RUNS = False
+# Whether the tree may choose multi_gpu (the pipelines run a placement); off, it prints the
+# plan and goes on down the single-GPU branches.
+MULTI_GPU_RUNS = True
 VRAM_MARGIN = 0.5 * GIB      # left free on the GPU: CUDA context, fragmentation
 RAM_MARGIN = 0.10            # of available RAM kept for the OS and the app
 
@@ -118,10 +116,10 @@ def decide(hardware: Hardware, family: Family, footprint: Footprint, job: Job, *
                                    dtype or torch.bfloat16, lines)
             if placement is not None:
                 if not (MULTI_GPU_RUNS if multi_gpu_runs is None else multi_gpu_runs):
-                    lines.append(f"  (a plan only: runs over several GPUs are not wired into the pipelines yet; "
-                                 f"on with one GPU)")
+                    lines.append("  (a plan only: runs over several GPUs are switched off; on with one GPU)")
                     continue
                 lines.append(f"-> {MULTI_GPU}")
+                predictions[MULTI_GPU] = placement.prediction(p)
                 # The device is the single-GPU tree's, where a fallback runs.
                 return Decision(MULTI_GPU, None, device, tuple(lines), predictions, placement)
     if chosen is None:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pipelines import get_family
+from pipelines.loading import execution_component
 from presets.footprint import ComponentSize, Footprint, footprint
 from presets.placement import PlacementError, plan_placement
 from presets.planner import CUDA_CONTEXT_BYTES, Job, activation_bytes
@@ -42,10 +43,13 @@ def choose(key: str, *sizes_gib: float, **kwargs):
     return decide(machine(*sizes_gib), family, footprint(family), JOB, baseline_ram=1 * G, **kwargs)
 
 
-def test_until_pipelines_run_a_placement_the_tree_prints_it_and_goes_on():
-    decision = choose("flux.1-dev", 24, 24, multi_gpu_runs=None)
-    assert decision.preset == "dynamic" and decision.placement is None  # as on one 24 GB card
-    text = decision.describe()
+def test_the_tree_runs_a_placement_unless_switched_off():
+    decision = choose("flux.1-dev", 24, 24, multi_gpu_runs=None)   # MULTI_GPU_RUNS: the pipelines run it
+    assert decision.preset == MULTI_GPU and decision.placement is not None
+    assert decision.predictions[MULTI_GPU].per_gpu.keys() == {0, 1}
+    off = choose("flux.1-dev", 24, 24, multi_gpu_runs=False)
+    assert off.preset == "dynamic" and off.placement is None  # as on one 24 GB card
+    text = off.describe()
     assert "multi_gpu: 2 GPUs" in text and "a plan only" in text and "transformer: blocks" in text
 
 
@@ -161,6 +165,8 @@ def test_splits_are_contiguous_runs_on_as_few_gpus_as_hold_them(key, cards):
         assert len(indices) >= 2                                      # else it would be whole
     lines = placement.describe()
     assert len(lines) == len(sizes.components) + len(placement.used)
+    # The VAE decodes on the pipeline's execution device: where its first model computes.
+    assert placement.device_of("vae") == placement.device_of(execution_component(family))
 
 
 def test_a_component_that_fits_whole_is_never_split():
