@@ -29,11 +29,42 @@ ADHERENCE_BAR = 0.8
 
 # -- the synthetic world -----------------------------------------------------------------------
 
-def test_the_judge_reads_back_every_kind_of_drawn_scene():
+def test_the_judge_reads_back_every_attribute_of_drawn_scenes():
+    """The judge's own check, on jittered drawings: every attribute, the shape and size too."""
     rng = random.Random(0)
     scenes = shapes.training_scenes()
     for scene in rng.sample(scenes, 600):
-        assert shapes.judge(shapes.render(scene, rng)).triple == scene.triple, scene
+        seen = shapes.judge(shapes.render(scene, rng))
+        assert all(seen.matches(scene).values()) and seen.right(scene), (scene, seen)
+        assert seen.triple == scene.triple
+
+
+def test_each_outline_fits_itself_best_and_a_blob_is_no_shape():
+    for shape in shapes.SHAPES:
+        for size in shapes.SIZES:
+            scene = shapes.Scene(shape, size, "white", "black", "center")
+            seen = shapes.judge(shapes.render(scene))
+            assert (seen.shape, seen.size) == (shape, size) and seen.fit > 0.85, seen
+    empty = shapes.judge(np.zeros((128, 128, 3), np.uint8))
+    assert empty.shape is None and empty.colour is None
+    assert not empty.right(shapes.example_scene())
+
+
+def test_held_out_scenes_cover_every_shape_and_size_evenly():
+    scenes = shapes.held_out_scenes()
+    assert len(scenes) == 2 * len(shapes.held_out())
+    assert {s.triple for s in scenes} == set(shapes.held_out())
+    pairs = [(s.shape, s.size) for s in scenes]
+    assert len(set(pairs)) == len(shapes.SHAPES) * len(shapes.SIZES)
+    assert len({pairs.count(p) for p in pairs}) == 1  # every pair equally often
+
+
+def test_the_adherence_table_counts_each_attribute():
+    scene = shapes.Scene("star", "large", "red", "blue", "top")
+    right = shapes.judge(shapes.render(scene))
+    wrong = shapes.Judgement("red", "blue", "top", "circle", "small")
+    table = shapes.adherence_table([scene, scene], [right, wrong])
+    assert table == {"shape": 0.5, "colour": 1.0, "background": 1.0, "position": 1.0, "size": 0.5, "all four": 0.5}
 
 
 def test_captions_round_trip_and_bad_ones_are_refused():

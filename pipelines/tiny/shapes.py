@@ -6,7 +6,8 @@ background, described by a caption, drawn exactly, and judged back from pixels.
 A ``Scene`` is what a caption says (shape, size, colour, background, position); ``render``
 draws it (with a little seeded jitter in place and size), ``caption`` writes it, ``parse``
 reads a caption back, and ``judge`` recovers colour, background and position from an image
-by pixel statistics, so prompt adherence can be measured without a second model.
+by pixel statistics, and the shape and size by fitting the six outlines to it, so prompt
+adherence can be measured, attribute by attribute, without a second model.
 
 A fixed set of (colour, background, position) combinations is never shown in training
 (``held_out``): the adherence test asks the model for those, so it must compose what it
@@ -94,6 +95,23 @@ def held_out() -> list[tuple[str, str, str]]:
             return sorted(chosen)
 
 
+def held_out_scenes(per_triple: int = 2) -> list[Scene]:
+    """Held-out scenes over every attribute: each held-out (colour, background, position)
+    drawn as ``per_triple`` of the twelve (shape, size) pairs, the pairs dealt in turn so
+    that each appears equally often (24 triples x 2: every pair 4 times)."""
+    pairs = list(itertools.product(SHAPES, SIZES))
+    return [Scene(*pairs[(per_triple * i + k) % len(pairs)], c, b, p)
+            for i, (c, b, p) in enumerate(held_out()) for k in range(per_triple)]
+
+
+def adherence_table(scenes: list[Scene], judgements: list["Judgement"]) -> dict[str, float]:
+    """The share of images right on each attribute, on all four (``ATTRIBUTES``), and on the size."""
+    rows = [j.matches(s) for s, j in zip(scenes, judgements, strict=True)]
+    table = {name: sum(r[name] for r in rows) / len(rows) for name in (*ATTRIBUTES, "size")}
+    table["all four"] = sum(all(r[name] for name in ATTRIBUTES) for r in rows) / len(rows)
+    return table
+
+
 def training_scenes() -> list[Scene]:
     """Every scene whose triple is not held out (6 shapes x 2 sizes x 480 triples)."""
     hidden = set(held_out())
@@ -149,15 +167,31 @@ def render(scene: Scene, rng: random.Random | None = None, size: int = SIZE) -> 
 
 # -- judging an image by its pixels --------------------------------------------------------------
 
+ATTRIBUTES = ("shape", "colour", "background", "position")   # what adherence counts ("all four")
+SIZE_THRESHOLD = 0.145   # of the side: between the largest small (0.1265) and smallest large (0.153) shape
+
+
 @dataclass(frozen=True)
 class Judgement:
     colour: str | None       # None: no shape found
     background: str
     position: str | None
+    shape: str | None = None
+    size: str | None = None
+    fit: float = 0.0         # the best shape's IoU with the drawn mask
 
     @property
     def triple(self) -> tuple[str | None, str, str | None]:
         return self.colour, self.background, self.position
+
+    def matches(self, scene: Scene) -> dict[str, bool]:
+        """Each attribute of ``ATTRIBUTES`` (and the size), right or not."""
+        return {name: getattr(self, name) == getattr(scene, name) for name in (*ATTRIBUTES, "size")}
+
+    def right(self, scene: Scene) -> bool:
+        """All four attributes right (the size is reported, not counted)."""
+        matched = self.matches(scene)
+        return all(matched[name] for name in ATTRIBUTES)
 
 
 _PALETTE_NAMES = list(COLOURS)
@@ -168,9 +202,58 @@ def _nearest(rgb: np.ndarray) -> str:
     return _PALETTE_NAMES[int(np.argmin(((_PALETTE - rgb) ** 2).sum(axis=1)))]
 
 
+def _unit_geometry(shape: str) -> tuple[float, float, float]:
+    """Area and centroid (x, y) of the shape drawn at centre (0, 0) with ``r = 1``."""
+    if shape == "circle":
+        return math.pi, 0.0, 0.0
+    points = _outline(shape, 0.0, 0.0, 1.0)
+    area = cx = cy = 0.0
+    for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1]):
+        cross = x0 * y1 - x1 * y0
+        area += cross
+        cx += (x0 + x1) * cross
+        cy += (y0 + y1) * cross
+    area /= 2
+    return abs(area), cx / (6 * area), cy / (6 * area)
+
+
+_GEOMETRY = {shape: _unit_geometry(shape) for shape in SHAPES}
+
+
+def _shape_mask(shape: str, cx: float, cy: float, r: float, height: int, width: int) -> np.ndarray:
+    """Where ``shape`` at centre ``(cx, cy)`` and extent ``r`` covers at least half a pixel."""
+    image = Image.new("L", (2 * width, 2 * height), 0)
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse([2 * (cx - r), 2 * (cy - r), 2 * (cx + r), 2 * (cy + r)], fill=255)
+    else:
+        draw.polygon([(2 * x, 2 * y) for x, y in _outline(shape, cx, cy, r)], fill=255)
+    return np.asarray(image.resize((width, height), Image.Resampling.BOX)) >= 128
+
+
+def fit_shape(mask: np.ndarray) -> tuple[str, float, float]:
+    """The outline that best covers ``mask``: (shape, IoU, extent ``r`` in pixels). Each of
+    the six is placed with its centroid on the mask's and its area equal to the mask's (then
+    10% larger and smaller), and scored by intersection over union."""
+    height, width = mask.shape
+    ys, xs = np.nonzero(mask)
+    my, mx, area = ys.mean() + 0.5, xs.mean() + 0.5, float(mask.sum())
+    best = ("", -1.0, 0.0)
+    for shape, (unit_area, ox, oy) in _GEOMETRY.items():
+        r0 = math.sqrt(area / unit_area)
+        for r in (0.9 * r0, r0, 1.1 * r0):
+            drawn = _shape_mask(shape, mx - ox * r, my - oy * r, r, height, width)
+            iou = (drawn & mask).sum() / max(1, (drawn | mask).sum())
+            if iou > best[1]:
+                best = (shape, float(iou), r0)
+    return best
+
+
 def judge(image: Image.Image | np.ndarray) -> Judgement:
     """Background: the median colour of the border. Shape: the pixels far from it (at least
-    0.5% of the image); its colour is their median, its position the grid cell of their centroid."""
+    0.5% of the image); its colour is their median, its position the grid cell of their
+    centroid, its outline the best fitting of the six (``fit_shape``) and its size that
+    outline's extent against ``SIZE_THRESHOLD``."""
     pixels = np.asarray(image, dtype=np.float32)
     if pixels.max() <= 1.0:
         pixels = pixels * 255.0
@@ -186,4 +269,7 @@ def judge(image: Image.Image | np.ndarray) -> Judgement:
     ys, xs = np.nonzero(mask)
     column = min(2, int(3 * xs.mean() / w))
     row = min(2, int(3 * ys.mean() / h))
-    return Judgement(_nearest(np.median(pixels[mask], axis=0)), _nearest(background_rgb), POSITIONS[3 * row + column])
+    shape, fit, extent = fit_shape(mask)
+    size = "large" if extent > SIZE_THRESHOLD * min(h, w) else "small"
+    return Judgement(_nearest(np.median(pixels[mask], axis=0)), _nearest(background_rgb), POSITIONS[3 * row + column],
+                     shape, size, fit)
