@@ -70,11 +70,16 @@ class DeviceUse:
     within_cap: bool | None
 
     def describe(self) -> str:
-        gib = vram.GIB
-        peak = "n/a" if self.peak_vram_bytes is None else f"{self.peak_vram_bytes / gib:.2f} GiB"
-        cap = "no cap" if self.vram_limit_bytes is None else f"cap {self.vram_limit_bytes / gib:.2f} GiB"
-        verdict = {None: "", True: ", within cap", False: ", ABOVE CAP"}[self.within_cap]
-        return f"{self.device} {peak} ({cap}{verdict})"
+        return f"{self.device} {_peak_against_cap(self.peak_vram_bytes, self.vram_limit_bytes, self.within_cap, 'n/a')}"
+
+
+def _peak_against_cap(peak: int | None, cap: int | None, within: bool | None, no_peak: str) -> str:
+    """'1.20 GiB (cap 2.00 GiB, within cap)', the form every peak of a summary takes."""
+    gib = vram.GIB
+    peak_text = no_peak if peak is None else f"{peak / gib:.2f} GiB"
+    cap_text = "no cap" if cap is None else f"cap {cap / gib:.2f} GiB"
+    verdict = {None: "", True: ", within cap", False: ", ABOVE CAP"}[within]
+    return f"{peak_text} ({cap_text}{verdict})"
 
 
 @dataclass
@@ -103,15 +108,13 @@ class RunSummary:
 
     def describe(self) -> str:
         gib = vram.GIB
-        vram_text = "n/a (CPU)" if self.peak_vram_bytes is None else f"{self.peak_vram_bytes / gib:.2f} GiB"
-        cap = "no cap" if self.vram_limit_bytes is None else f"cap {self.vram_limit_bytes / gib:.2f} GiB"
-        verdict = {None: "", True: ", within cap", False: ", ABOVE CAP"}[self.within_cap]
         phases = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.phase_seconds.items())
         per_step = "n/a" if self.seconds_per_step is None else f"{self.seconds_per_step:.3f} s/step"
         if self.devices:
             vram_line = "peak VRAM per device: " + "; ".join(d.describe() for d in self.devices)
         else:
-            vram_line = f"peak VRAM {vram_text} ({cap}{verdict})"
+            vram_line = "peak VRAM " + _peak_against_cap(self.peak_vram_bytes, self.vram_limit_bytes, self.within_cap,
+                                                         "n/a (CPU)")
         return (f"{vram_line}; peak RAM {self.peak_ram_bytes / gib:.2f} GiB\n"
                 f"time {self.seconds:.2f} s: {phases}; {self.steps} steps, {per_step}\n"
                 f"moved to device {self.bytes_to_device / gib:.2f} GiB, read from disk "
